@@ -1,0 +1,182 @@
+//! Who an event is for.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::hub::ClientInfo;
+
+/// A target: every given field must match (AND). `None` fields are not constraints.
+///
+/// This is both the `filter` object of `POST /api/sse/notify` and what the event log
+/// stores, so replay applies exactly the rule live delivery applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_ids: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ids: Option<Vec<Uuid>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Most users one filter may name, and most client ids: a bound on the work of one publish.
+pub const MAX_FILTER_IDS: usize = 1000;
+
+impl Filter {
+    pub fn user(user_id: impl Into<String>) -> Self {
+        Self {
+            user_id: Some(user_id.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn metadata<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let pairs = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self {
+            metadata: Some(pairs),
+            ..Self::default()
+        }
+    }
+
+    /// An empty filter (or one of empty lists) would broadcast by mistake, so it is refused.
+    pub fn validate(&self) -> Result<(), String> {
+        let any_given = self.user_id.is_some()
+            || self.session_id.is_some()
+            || self.user_ids.as_ref().is_some_and(|ids| !ids.is_empty())
+            || self.client_ids.as_ref().is_some_and(|ids| !ids.is_empty())
+            || self.metadata.as_ref().is_some_and(|m| !m.is_empty());
+        if !any_given {
+            return Err(
+                "filter needs at least one of userId, userIds, sessionId, clientIds, metadata"
+                    .into(),
+            );
+        }
+        let too_many = |len: Option<usize>| len.is_some_and(|n| n > MAX_FILTER_IDS);
+        if too_many(self.user_ids.as_ref().map(Vec::len))
+            || too_many(self.client_ids.as_ref().map(Vec::len))
+        {
+            return Err(format!(
+                "userIds and clientIds take at most {MAX_FILTER_IDS} entries"
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, client: &ClientInfo) -> bool {
+        let user = client.user_id.as_deref();
+        self.user_id.as_deref().is_none_or(|u| user == Some(u))
+            && self
+                .user_ids
+                .as_ref()
+                .is_none_or(|ids| user.is_some_and(|u| ids.iter().any(|id| id == u)))
+            && self
+                .session_id
+                .as_deref()
+                .is_none_or(|s| client.session_id.as_deref() == Some(s))
+            && self
+                .client_ids
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&client.client_id))
+            && self
+                .metadata
+                .as_ref()
+                .is_none_or(|m| m.iter().all(|(k, v)| client.metadata.get(k) == Some(v)))
+    }
+
+    /// The users this event is addressed to, if it names any: they get it as a pending
+    /// notification when they have no open stream.
+    pub fn target_users(&self) -> Vec<String> {
+        match (&self.user_id, &self.user_ids) {
+            (Some(user), Some(ids)) if !ids.contains(user) => Vec::new(),
+            (Some(user), _) => vec![user.clone()],
+            (None, Some(ids)) => {
+                let mut ids = ids.clone();
+                ids.sort();
+                ids.dedup();
+                ids
+            }
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(user: &str, session: &str, meta: &[(&str, &str)]) -> ClientInfo {
+        ClientInfo {
+            client_id: Uuid::new_v4(),
+            user_id: Some(user.into()),
+            session_id: Some(session.into()),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            connected_at: 0,
+        }
+    }
+
+    #[test]
+    fn every_given_field_must_match() {
+        let admin = client("u1", "s1", &[("role", "admin"), ("team", "a")]);
+        let filter: Filter =
+            serde_json::from_str(r#"{"userIds":["u1","u2"],"metadata":{"role":"admin"}}"#).unwrap();
+        assert!(filter.matches(&admin));
+        assert!(!filter.matches(&client("u3", "s1", &[("role", "admin")])));
+        assert!(!filter.matches(&client("u1", "s1", &[("role", "user")])));
+        assert!(
+            Filter {
+                session_id: Some("s1".into()),
+                ..Filter::default()
+            }
+            .matches(&admin)
+        );
+        let by_id = Filter {
+            client_ids: Some(vec![admin.client_id]),
+            ..Filter::default()
+        };
+        assert!(by_id.matches(&admin));
+        assert!(!by_id.matches(&client("u1", "s1", &[])));
+    }
+
+    #[test]
+    fn empty_and_unknown_filters_are_refused() {
+        assert!(Filter::default().validate().is_err());
+        assert!(
+            Filter {
+                user_ids: Some(vec![]),
+                ..Filter::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(serde_json::from_str::<Filter>(r#"{"user":"u1"}"#).is_err());
+        assert!(serde_json::from_str::<Filter>(r#"{"userId":1}"#).is_err());
+        assert!(serde_json::from_str::<Filter>(r#"{"clientIds":["not-a-uuid"]}"#).is_err());
+    }
+
+    #[test]
+    fn target_users_are_the_intersection_of_user_fields() {
+        assert_eq!(Filter::user("u1").target_users(), ["u1"]);
+        let both = Filter {
+            user_id: Some("u1".into()),
+            user_ids: Some(vec!["u2".into()]),
+            ..Filter::default()
+        };
+        assert!(both.target_users().is_empty());
+        assert!(Filter::metadata([("a", "b")]).target_users().is_empty());
+    }
+}

@@ -1,0 +1,104 @@
+//! The one HTTP error type: every refusal is `{"error": {"code", "message"}}`.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::service::PublishError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input; the message says which and why. Not logged: the caller's mistake.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// `MAX_CLIENTS` (or the open-files budget) reached.
+    #[error("{message}")]
+    TooManyClients {
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    /// The actual database error isn't returned to the client; it is logged where it
+    /// happened.
+    #[error("the database is unavailable; try again shortly")]
+    Database(#[from] sqlx::Error),
+    #[error("the event could not be stored; try again shortly")]
+    PublishUnavailable,
+}
+
+impl Error {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::TooManyClients { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Database(_) | Self::PublishUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
+        }
+    }
+}
+
+impl From<PublishError> for Error {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Invalid(message) => Self::bad_request("invalid_event", message),
+            PublishError::TooLarge => Self::PayloadTooLarge(PublishError::TooLarge.to_string()),
+            PublishError::Serialize(e) => Self::bad_request("invalid_event", e.to_string()),
+            // Logged by the publisher, which saw the cause.
+            PublishError::Unavailable(_) => Self::PublishUnavailable,
+            PublishError::ShuttingDown => Self::ShuttingDown,
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Database(error) = &self {
+            tracing::error!(%error, "database error");
+        }
+        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut response = (status, Json(body)).into_response();
+        if let Self::TooManyClients {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            // Give the descriptor back at once rather than keep an idle connection.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

@@ -1,0 +1,86 @@
+//! The accept loop: hyper's HTTP/1 connection builder driven directly.
+//!
+//! `axum::serve` costs about 11 KB more per idle stream (it rebuilds the router per
+//! connection and its protocol sniffing grows hyper's read buffer to 16 KB; see
+//! PERFORMANCE.md), cannot cancel one connection, and has no answer to running out of
+//! file descriptors. Here each connection carries a `ConnectionHandle` the hub can fire,
+//! and counts against the open-files budget.
+
+use std::{io, time::Duration};
+
+use axum::{Router, body::Body, extract::Request};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::http::{ConnectionHandle, FileBudget};
+
+/// Serves until `shutdown` fires, then waits up to `drain` for open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    files: FileBudget,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(error) => {
+                accept_failed(&error).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let guard = files.open();
+        let kill = CancellationToken::new();
+        let handle = ConnectionHandle(kill.clone());
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(handle.clone());
+            router.clone().oneshot(request.map(Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(socket), service));
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                () = kill.cancelled() => {}
+            }
+            drop(guard);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => tracing::warn!("connections still open after the shutdown grace period"),
+    }
+}
+
+/// Accept errors are about one connection or a passing shortage; the loop goes on.
+async fn accept_failed(error: &io::Error) {
+    // EMFILE / ENFILE: the process or the system is out of descriptors. Wait for some to
+    // be released instead of spinning; new streams are refused with 503 meanwhile.
+    if matches!(error.raw_os_error(), Some(23 | 24)) {
+        tracing::warn!(%error, "out of file descriptors; pausing accept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!(%error, "accept failed");
+    }
+}

@@ -1,0 +1,131 @@
+//! Who is connected and the running totals, across every instance that shares the store:
+//! this instance from memory (exact), the others from their last flush (about a second old).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::EventService;
+use crate::{
+    event::{now_millis, rfc3339_millis},
+    filter::Filter,
+    hub::{ClientInfo, SessionRecord},
+};
+
+/// The seed's `SSEStats`, durable (`GET /api/sse/stats`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub total_clients: usize,
+    pub clients_by_user: BTreeMap<String, usize>,
+    pub average_connection_duration_ms: i64,
+    pub total_events_sent: i64,
+    pub last_event_timestamp: Option<String>,
+    pub total_connections: i64,
+    pub pending_notifications: i64,
+    pub instances: i64,
+}
+
+/// One open stream (`GET /api/sse/clients`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientView {
+    pub client_id: String,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub connected_at: String,
+    pub last_event_at: Option<String>,
+    pub events_sent: i64,
+    pub instance_id: String,
+    #[serde(skip)]
+    connected_at_ms: i64,
+}
+
+impl ClientView {
+    fn from_session(s: SessionRecord) -> Self {
+        Self {
+            metadata: serde_json::from_str(&s.metadata).unwrap_or_default(),
+            connected_at: rfc3339_millis(s.connected_at),
+            last_event_at: s.last_event_at.map(rfc3339_millis),
+            connected_at_ms: s.connected_at,
+            client_id: s.client_id,
+            user_id: s.user_id,
+            session_id: s.session_id,
+            events_sent: s.events_sent,
+            instance_id: s.instance_id,
+        }
+    }
+
+    /// The fields a filter looks at. A saved client id is always a UUID we wrote.
+    fn info(&self) -> ClientInfo {
+        ClientInfo {
+            client_id: self.client_id.parse().unwrap_or_default(),
+            user_id: self.user_id.clone(),
+            session_id: self.session_id.clone(),
+            metadata: self.metadata.clone(),
+            connected_at: self.connected_at_ms,
+        }
+    }
+}
+
+impl EventService {
+    /// Open streams on every live instance, optionally narrowed by a filter.
+    pub async fn clients(&self, filter: Option<&Filter>) -> Result<Vec<ClientView>, sqlx::Error> {
+        let hub = self.hub();
+        let remote = self
+            .store()
+            .remote_sessions(hub.instance_id(), self.alive_since())
+            .await?;
+        let local = hub
+            .clients(filter)
+            .into_iter()
+            .map(|c| SessionRecord::new(&c, hub.instance_id(), None));
+        let mut views: Vec<ClientView> = local.map(ClientView::from_session).collect();
+        views.extend(
+            remote
+                .into_iter()
+                .map(ClientView::from_session)
+                .filter(|v| filter.is_none_or(|f| f.matches(&v.info()))),
+        );
+        views.sort_by_key(|v| v.connected_at_ms);
+        Ok(views)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, sqlx::Error> {
+        let store = self.store();
+        let clients = self.clients(None).await?;
+        let totals = store.totals().await?;
+        let pending_notifications = store.pending_count().await?;
+        let other_instances = store
+            .other_instances(self.hub().instance_id(), self.alive_since())
+            .await?;
+        let ledger = self.hub().ledger();
+        let (unsaved_sent, unsaved_connections, unsaved_closed, unsaved_closed_ms) =
+            ledger.unsaved();
+
+        let now = now_millis();
+        let mut clients_by_user = BTreeMap::new();
+        let mut open_ms = 0;
+        for client in &clients {
+            open_ms += now - client.connected_at_ms;
+            if let Some(user) = &client.user_id {
+                *clients_by_user.entry(user.clone()).or_insert(0) += 1;
+            }
+        }
+        // Over every connection on record: closed ones by their length, open ones so far.
+        let sessions = totals.closed_connections + unsaved_closed as i64 + clients.len() as i64;
+        let total_ms = totals.closed_duration_ms + unsaved_closed_ms + open_ms;
+        let last_event = totals.last_event_at.max(ledger.last_event_at());
+        Ok(Stats {
+            total_clients: clients.len(),
+            clients_by_user,
+            average_connection_duration_ms: if sessions > 0 { total_ms / sessions } else { 0 },
+            total_events_sent: totals.events_sent + unsaved_sent as i64,
+            last_event_timestamp: last_event.map(rfc3339_millis),
+            total_connections: totals.connections + unsaved_connections as i64,
+            pending_notifications,
+            instances: 1 + other_instances,
+        })
+    }
+}

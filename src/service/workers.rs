@@ -1,0 +1,122 @@
+//! Background workers. Each owns a loop that stops on the shutdown token; a failing
+//! database only makes them log and try again on their next tick.
+
+use std::{collections::HashSet, time::Duration};
+
+use tokio::time::{MissedTickBehavior, interval};
+
+use super::EventService;
+use crate::event::{self, now_millis};
+
+/// How often counts and sessions are saved (and this instance's heartbeat written).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often instances that stopped heart-beating are reaped.
+const REAP_EVERY: u32 = 10;
+
+/// Saves the ledger and the sessions that changed, in one transaction. On failure the
+/// ledger keeps what it had, for the next try.
+pub(super) async fn flush(service: &EventService) -> Result<(), sqlx::Error> {
+    let hub = service.hub();
+    // Tallies first: a stream closing after this is still open in the snapshot below, and
+    // its end is saved next time.
+    let tallies = hub.ledger().take();
+    let closed: HashSet<&str> = tallies
+        .closed
+        .iter()
+        .map(|s| s.client_id.as_str())
+        .collect();
+    let mut sessions = hub.unsaved_sessions();
+    sessions.retain(|s| !closed.contains(s.client_id.as_str()));
+    let saved = service
+        .store()
+        .flush(
+            hub.instance_id(),
+            service.inner.started_at,
+            now_millis(),
+            &sessions,
+            &tallies,
+        )
+        .await;
+    match saved {
+        Ok(()) => hub.mark_saved(&sessions),
+        Err(_) => hub.ledger().restore(tallies),
+    }
+    saved
+}
+
+pub(super) async fn flush_loop(service: EventService) {
+    let shutdown = service.inner.shutdown.clone();
+    let mut ticks = interval(FLUSH_EVERY);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut count = 0u32;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match flush(&service).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("saving counts and sessions works again");
+            }
+            Ok(()) => {}
+            // Once per outage, not once a second.
+            Err(error) if !failing => {
+                failing = true;
+                tracing::error!(%error, "could not save counts and sessions; will retry");
+            }
+            Err(_) => {}
+        }
+        count += 1;
+        if count % REAP_EVERY == 0 {
+            match service.store().reap_instances(service.alive_since()).await {
+                Ok(0) => {}
+                Ok(closed) => tracing::info!(closed, "closed the sessions of stopped instances"),
+                Err(error) => tracing::debug!(%error, "could not reap stopped instances"),
+            }
+        }
+    }
+}
+
+/// Pings every stream each `PING_INTERVAL_MS`, and cuts off streams that accepted no
+/// data for `CLIENT_TIMEOUT_MS` (checked four times per timeout, so one is cut off at
+/// most a quarter late).
+pub(super) async fn heartbeat_loop(service: EventService) {
+    let shutdown = service.inner.shutdown.clone();
+    let config = service.config();
+    let mut pings = interval(config.ping_interval);
+    let mut sweeps = interval((config.client_timeout / 4).max(Duration::from_millis(10)));
+    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    sweeps.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick of an interval is immediate; a new stream gets `connected` instead.
+    pings.tick().await;
+    loop {
+        tokio::select! {
+            _ = pings.tick() => service.hub().heartbeat(event::encode_ping(std::time::SystemTime::now())),
+            _ = sweeps.tick() => service.hub().sweep_stale(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Deletes events, pending rows and closed sessions older than `HISTORY_RETENTION_MS`.
+pub(super) async fn retention_loop(service: EventService) {
+    let shutdown = service.inner.shutdown.clone();
+    let retention = service.config().history_retention;
+    let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticks = interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cutoff = now_millis() - retention.as_millis() as i64;
+        match service.store().prune(cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "deleted events past retention"),
+            Err(error) => tracing::warn!(%error, "could not apply retention"),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Building and running the application: shared by every entry point.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::{Config, DatabaseUrl},
+    http::{self, AppState, FileBudget},
+    hub::Hub,
+    server,
+    service::EventService,
+    store::Store,
+};
+
+/// How long shutdown waits for streams to end before it stops waiting.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long shutdown waits for background tasks.
+const TASKS_GRACE: Duration = Duration::from_secs(2);
+
+/// A bound, ready-to-run instance of the service.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Starts the workers and binds `config.bind_addr` (port 0 picks a free port).
+    pub async fn build(config: Config, store: Store) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.bind_addr)
+            .await
+            .with_context(|| format!("could not listen on {}", config.bind_addr))?;
+        Self::with_listener(config, store, listener).await
+    }
+
+    /// Like `build`, with a listener the caller bound (Shuttle, tests).
+    pub async fn with_listener(
+        config: Config,
+        store: Store,
+        listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        if config.jwt_secret.is_some() {
+            // Refuse rather than run open while the operator believes streams are guarded.
+            anyhow::bail!(
+                "SSE_JWT_SECRET is set, but subscriber tokens are not supported by this build yet"
+            );
+        }
+        if config.publish_key.is_none() {
+            tracing::warn!(
+                "SSE_PUBLISH_KEY is not set: anyone can publish and read stats (development mode)"
+            );
+        }
+        let files = FileBudget::new(raise_open_files_limit());
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let hub = Hub::new(
+            Uuid::new_v4().to_string(),
+            config.max_clients,
+            config.client_timeout,
+        );
+        let events =
+            EventService::start(hub.clone(), store.clone(), config.clone(), shutdown.clone())
+                .await
+                .context("could not start the event service")?;
+        let state = AppState {
+            events,
+            hub,
+            store,
+            config,
+            shutdown,
+            files,
+        };
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has an address.
+        self.listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Cancelling this token shuts the application down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    pub fn events(&self) -> &EventService {
+        &self.state.events
+    }
+
+    /// Serves until the shutdown token fires; then ends every stream cleanly, saves the
+    /// counts and sessions and leaves the shared state.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { listener, state } = self;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            instance_id = state.hub.instance_id(),
+            store = ?state.store.backend(),
+            "nomey-sse listening"
+        );
+        let router = http::router(state.clone());
+        let shutdown = state.shutdown.clone();
+        let hub = state.hub.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            // Streams end once their queues are written; clients resume elsewhere.
+            hub.close();
+        });
+        server::serve(
+            listener,
+            router,
+            state.files.clone(),
+            state.shutdown.clone(),
+            DRAIN,
+        )
+        .await;
+        state.events.finish(TASKS_GRACE).await;
+        state.store.close().await;
+        tracing::info!("nomey-sse stopped");
+        Ok(())
+    }
+}
+
+/// Connects to the database, retrying with backoff while it is unreachable, so that a
+/// service started before its database waits for it instead of crash-looping.
+pub async fn connect_store(url: &DatabaseUrl) -> Store {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Store::connect(url).await {
+            Ok(store) => return store,
+            Err(error) => {
+                tracing::error!(%error, retry_in_ms = delay.as_millis() as u64, "could not open the database");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (a stream is a descriptor) and
+/// returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+    let raised = rlimit::increase_nofile_limit(hard).unwrap_or(soft);
+    tracing::info!(
+        soft_before = soft,
+        hard,
+        soft_now = raised,
+        "open-files limit"
+    );
+    raised
+}

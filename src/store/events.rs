@@ -1,0 +1,239 @@
+//! The event log and pending notifications.
+
+use sqlx::{Row, any::AnyRow};
+
+use super::{CHUNK_PARAMS, Store, values_list};
+
+/// An event to append.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: String,
+    /// Serialized JSON.
+    pub data: String,
+    /// Serialized `Filter`, `None` for a broadcast.
+    pub filter: Option<String>,
+    /// Named users with no open stream on this instance: each gets a pending row unless
+    /// another live instance has a stream of theirs.
+    pub pending_candidates: Vec<String>,
+    pub created_at: i64,
+}
+
+/// An event read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: i64,
+    pub kind: String,
+    pub data: String,
+    pub filter: Option<String>,
+    pub created_at: i64,
+}
+
+impl StoredEvent {
+    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            event_id: row.try_get("event_id")?,
+            kind: row.try_get("kind")?,
+            data: row.try_get("data")?,
+            filter: row.try_get("filter")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
+/// What an append wrote: the first id (the batch's ids are consecutive) and, per event,
+/// the users it is pending for.
+#[derive(Debug)]
+pub struct Appended {
+    pub first_id: i64,
+    pub pending: Vec<Vec<String>>,
+}
+
+const EVENT_COLUMNS: &str = "event_id, kind, data, filter, created_at";
+
+impl Store {
+    /// Appends a batch of events in one transaction (group commit) and returns their ids.
+    ///
+    /// The ids come from `event_counter` inside the transaction, whose row lock is held
+    /// until commit, so batches commit in id order and readers never see a later id before
+    /// an earlier one.
+    pub async fn append(
+        &self,
+        batch: &[NewEvent],
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<Appended, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let last: i64 = sqlx::query_scalar(
+            "update event_counter set last_event_id = last_event_id + $1 returning last_event_id",
+        )
+        .bind(batch.len() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        let first_id = last - batch.len() as i64 + 1;
+
+        // Users with a stream on another live instance are not pending: that instance
+        // delivers to them.
+        let mut candidates: Vec<&str> = batch
+            .iter()
+            .flat_map(|e| e.pending_candidates.iter().map(String::as_str))
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut elsewhere = Vec::new();
+        for chunk in candidates.chunks(CHUNK_PARAMS) {
+            let sql = format!(
+                "select distinct s.user_id from client_session s join instance i on i.instance_id = s.instance_id \
+                 where s.disconnected_at is null and s.instance_id <> $1 and i.heartbeat_at > $2 \
+                 and s.user_id in ({})",
+                (0..chunk.len())
+                    .map(|n| format!("${}", n + 3))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql)
+                .bind(instance_id)
+                .bind(alive_since);
+            for user in chunk {
+                query = query.bind(*user);
+            }
+            elsewhere.extend(query.fetch_all(&mut *tx).await?);
+        }
+        let pending: Vec<Vec<String>> = batch
+            .iter()
+            .map(|e| {
+                e.pending_candidates
+                    .iter()
+                    .filter(|u| !elsewhere.contains(u))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+
+        for (n, chunk) in batch.chunks(CHUNK_PARAMS / 5).enumerate() {
+            let sql = format!(
+                "insert into event ({EVENT_COLUMNS}) values {}",
+                values_list(chunk.len(), 5, 0)
+            );
+            let mut query = sqlx::query(&sql);
+            for (i, event) in chunk.iter().enumerate() {
+                let id = first_id + (n * CHUNK_PARAMS / 5 + i) as i64;
+                query = query
+                    .bind(id)
+                    .bind(&event.kind)
+                    .bind(&event.data)
+                    .bind(event.filter.as_deref())
+                    .bind(event.created_at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+
+        let rows: Vec<(&str, i64)> = pending
+            .iter()
+            .enumerate()
+            .flat_map(|(i, users)| users.iter().map(move |u| (u.as_str(), first_id + i as i64)))
+            .collect();
+        for chunk in rows.chunks(CHUNK_PARAMS / 2) {
+            let sql = format!(
+                "insert into pending (user_id, event_id) values {}",
+                values_list(chunk.len(), 2, 0)
+            );
+            let mut query = sqlx::query(&sql);
+            for (user, id) in chunk {
+                query = query.bind(*user).bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Appended { first_id, pending })
+    }
+
+    /// Events with `after < id <= up_to`, oldest first, at most `limit`.
+    pub async fn events_between(
+        &self,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!(
+            "select {EVENT_COLUMNS} from event where event_id > $1 and event_id <= $2 order by event_id limit $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(up_to)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    /// A user's pending events with `after < id <= up_to`, oldest first, at most `limit`.
+    pub async fn pending_between(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let rows = sqlx::query(
+            "select e.event_id, e.kind, e.data, e.filter, e.created_at \
+             from pending p join event e on e.event_id = p.event_id \
+             where p.user_id = $1 and p.event_id > $2 and p.event_id <= $3 order by p.event_id limit $4",
+        )
+        .bind(user_id)
+        .bind(after)
+        .bind(up_to)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    /// The last id handed out, and the id through which retention has deleted events.
+    pub async fn event_horizon(&self) -> Result<(i64, i64), sqlx::Error> {
+        sqlx::query_as("select last_event_id, retained_through from event_counter")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Deletes events (and their pending rows) created before `cutoff`, and sessions that
+    /// closed before it. Returns the number of events deleted.
+    pub async fn prune(&self, cutoff: i64) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let through: Option<i64> =
+            sqlx::query_scalar("select max(event_id) from event where created_at < $1")
+                .bind(cutoff)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut deleted = 0;
+        if let Some(through) = through {
+            sqlx::query("delete from pending where event_id <= $1")
+                .bind(through)
+                .execute(&mut *tx)
+                .await?;
+            deleted = sqlx::query("delete from event where event_id <= $1")
+                .bind(through)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(
+                "update event_counter set retained_through = $1 where retained_through < $1",
+            )
+            .bind(through)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("delete from client_session where disconnected_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// How many pending rows wait for delivery.
+    pub async fn pending_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("select count(*) from pending")
+            .fetch_one(&self.pool)
+            .await
+    }
+}

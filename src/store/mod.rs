@@ -1,0 +1,148 @@
+//! Durable state: the event log, pending notifications, sessions and running totals.
+//!
+//! One `Store` serves Postgres and SQLite through sqlx's `Any` driver: the queries are
+//! written once in the SQL both dialects share (`$n` placeholders, `returning`,
+//! `on conflict`), times are integer milliseconds and JSON is text, so the two backends
+//! differ only in their migrations and pool settings. The compile-time query macros check
+//! against one database per crate (sqlx#916), so queries here are checked by the test
+//! suite, which runs every one of them on both backends.
+
+mod events;
+mod sessions;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    AnyPool, Executor,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::Migrator,
+};
+
+pub use events::{NewEvent, StoredEvent};
+pub use sessions::Totals;
+
+use crate::config::DatabaseUrl;
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Which database is behind the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A cheap handle to the database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects and runs the migrations.
+    pub async fn connect(url: &DatabaseUrl) -> Result<Self, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let (backend, url, in_memory) = match url {
+            DatabaseUrl::Postgres(url) => (Backend::Postgres, url.clone(), false),
+            DatabaseUrl::Sqlite(url) => {
+                let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+                (Backend::Sqlite, sqlite_url(url), in_memory)
+            }
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        // A publish that cannot reach the database should fail fast (503), not hang.
+        let pool = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
+        let pool = match backend {
+            Backend::Postgres => pool.max_connections(16),
+            // An in-memory database lives as long as its one connection.
+            Backend::Sqlite if in_memory => pool
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None),
+            // One writer at a time anyway; a few readers for replay and monitoring.
+            Backend::Sqlite => pool.max_connections(4),
+        };
+        let pool = pool.connect_with(options).await?;
+        let store = Self { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), sqlx::Error> {
+        match self.backend {
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
+            Backend::Sqlite => {
+                // WAL lets readers (replay, stats) run beside the writer; it is a property
+                // of the file, so setting it once is enough.
+                self.pool.execute("pragma journal_mode = wal").await?;
+                SQLITE_MIGRATIONS.run(&self.pool).await?
+            }
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        self.pool.execute("select 1").await.map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// sqlx opens an SQLite file read-write but does not create it; we do.
+fn sqlite_url(url: &str) -> String {
+    if url.contains(":memory:") || url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// `($1, $2), ($3, $4), …` for a multi-row statement, starting after `offset` parameters.
+fn values_list(rows: usize, columns: usize, offset: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..columns {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(offset + row * columns + col + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Rows per multi-row statement, well under both backends' parameter limits.
+const CHUNK_PARAMS: usize = 8000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_lists_number_their_placeholders() {
+        assert_eq!(values_list(2, 2, 0), "($1, $2), ($3, $4)");
+        assert_eq!(values_list(1, 3, 1), "($2, $3, $4)");
+    }
+
+    #[test]
+    fn sqlite_files_are_created_if_missing() {
+        assert_eq!(sqlite_url("sqlite://a.db"), "sqlite://a.db?mode=rwc");
+        assert_eq!(sqlite_url("sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(sqlite_url("sqlite://a.db?mode=ro"), "sqlite://a.db?mode=ro");
+    }
+}

@@ -1,0 +1,213 @@
+//! Sessions, instances and the running totals.
+
+use sqlx::{Row, any::AnyRow};
+
+use super::{CHUNK_PARAMS, Store, values_list};
+use crate::hub::{SessionRecord, Tallies};
+
+/// The saved totals behind `/api/sse/stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events_sent: i64,
+    pub connections: i64,
+    pub closed_connections: i64,
+    pub closed_duration_ms: i64,
+    pub last_event_at: Option<i64>,
+}
+
+const SESSION_COLUMNS: &str = "client_id, instance_id, user_id, session_id, metadata, connected_at, \
+                               disconnected_at, last_event_at, events_sent";
+
+fn session_from_row(row: &AnyRow) -> Result<SessionRecord, sqlx::Error> {
+    Ok(SessionRecord {
+        client_id: row.try_get("client_id")?,
+        instance_id: row.try_get("instance_id")?,
+        user_id: row.try_get("user_id")?,
+        session_id: row.try_get("session_id")?,
+        metadata: row.try_get("metadata")?,
+        connected_at: row.try_get("connected_at")?,
+        disconnected_at: row.try_get("disconnected_at")?,
+        last_event_at: row.try_get("last_event_at")?,
+        events_sent: row.try_get("events_sent")?,
+    })
+}
+
+impl Store {
+    /// Saves one instance's heartbeat, sessions and tallies in one transaction.
+    pub async fn flush(
+        &self,
+        instance_id: &str,
+        started_at: i64,
+        now: i64,
+        sessions: &[SessionRecord],
+        tallies: &Tallies,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "insert into instance (instance_id, started_at, heartbeat_at) values ($1, $2, $3) \
+             on conflict (instance_id) do update set heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance_id)
+        .bind(started_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+
+        let all = sessions.iter().chain(&tallies.closed);
+        let rows: Vec<&SessionRecord> = all.collect();
+        for chunk in rows.chunks(CHUNK_PARAMS / 9) {
+            let sql = format!(
+                "insert into client_session ({SESSION_COLUMNS}) values {} on conflict (client_id) do update set \
+                 disconnected_at = excluded.disconnected_at, last_event_at = excluded.last_event_at, \
+                 events_sent = excluded.events_sent",
+                values_list(chunk.len(), 9, 0)
+            );
+            let mut query = sqlx::query(&sql);
+            for s in chunk {
+                query = query
+                    .bind(&s.client_id)
+                    .bind(&s.instance_id)
+                    .bind(s.user_id.as_deref())
+                    .bind(s.session_id.as_deref())
+                    .bind(&s.metadata)
+                    .bind(s.connected_at)
+                    .bind(s.disconnected_at)
+                    .bind(s.last_event_at)
+                    .bind(s.events_sent);
+            }
+            query.execute(&mut *tx).await?;
+        }
+
+        if !tallies.is_empty() || tallies.last_event_at.is_some() {
+            sqlx::query(
+                "update stat set total_events_sent = total_events_sent + $1, \
+                 total_connections = total_connections + $2, closed_connections = closed_connections + $3, \
+                 closed_duration_ms = closed_duration_ms + $4, \
+                 last_event_at = case when $5 > coalesce(last_event_at, 0) then $5 else last_event_at end",
+            )
+            .bind(tallies.events_sent as i64)
+            .bind(tallies.connections as i64)
+            .bind(tallies.closed.len() as i64)
+            .bind(tallies.closed_duration_ms())
+            .bind(tallies.last_event_at.unwrap_or(0))
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for chunk in tallies.settled.chunks(CHUNK_PARAMS / 2) {
+            let sql = format!(
+                "delete from pending where (user_id, event_id) in (values {})",
+                values_list(chunk.len(), 2, 0)
+            );
+            let mut query = sqlx::query(&sql);
+            for (user, id) in chunk {
+                query = query.bind(user).bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Closes the sessions of instances that stopped heart-beating before `alive_since`
+    /// (a crash, a hard kill) and forgets those instances.
+    pub async fn reap_instances(&self, alive_since: i64) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let closed = sqlx::query(
+            "update client_session set disconnected_at = coalesce( \
+                 (select i.heartbeat_at from instance i where i.instance_id = client_session.instance_id), \
+                 coalesce(last_event_at, connected_at)) \
+             where disconnected_at is null and instance_id not in \
+                 (select instance_id from instance where heartbeat_at > $1)",
+        )
+        .bind(alive_since)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("delete from instance where heartbeat_at <= $1")
+            .bind(alive_since)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(closed)
+    }
+
+    /// Forgets an instance that stopped cleanly, after its last flush.
+    pub async fn remove_instance(&self, instance_id: &str, now: i64) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("update client_session set disconnected_at = $2 where instance_id = $1 and disconnected_at is null")
+            .bind(instance_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("delete from instance where instance_id = $1")
+            .bind(instance_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    /// Open sessions of live instances other than `instance_id`.
+    pub async fn remote_sessions(
+        &self,
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<Vec<SessionRecord>, sqlx::Error> {
+        let sql = format!(
+            "select {} from client_session s join instance i on i.instance_id = s.instance_id \
+             where s.disconnected_at is null and s.instance_id <> $1 and i.heartbeat_at > $2 \
+             order by s.connected_at",
+            SESSION_COLUMNS
+                .split(", ")
+                .map(|c| format!("s.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(instance_id)
+            .bind(alive_since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    /// Instances other than `instance_id` that heart-beat after `alive_since`.
+    pub async fn other_instances(
+        &self,
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "select count(*) from instance where instance_id <> $1 and heartbeat_at > $2",
+        )
+        .bind(instance_id)
+        .bind(alive_since)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    pub async fn totals(&self) -> Result<Totals, sqlx::Error> {
+        let row = sqlx::query(
+            "select total_events_sent, total_connections, closed_connections, closed_duration_ms, last_event_at \
+             from stat",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Totals {
+            events_sent: row.try_get(0)?,
+            connections: row.try_get(1)?,
+            closed_connections: row.try_get(2)?,
+            closed_duration_ms: row.try_get(3)?,
+            last_event_at: row.try_get(4)?,
+        })
+    }
+
+    /// A session as saved, for tests and tools.
+    pub async fn session(&self, client_id: &str) -> Result<Option<SessionRecord>, sqlx::Error> {
+        let sql = format!("select {SESSION_COLUMNS} from client_session where client_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+}

@@ -10,7 +10,7 @@ use axum::{
     response::Response,
     routing::get,
 };
-use serde_json::json;
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::{AppState, ConnectionHandle, Error, Result};
@@ -131,6 +131,17 @@ fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
         .map_err(|_| invalid(name, "a whole number below 2^63"))
 }
 
+/// The `connected` event's data.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Connected<'a> {
+    client_id: Uuid,
+    user_id: Option<&'a str>,
+    session_id: Option<&'a str>,
+    server_time: String,
+    history_gap: bool,
+}
+
 /// Opens a stream: `retry:`, `connected`, then history, then live events.
 async fn stream_events(
     State(state): State<AppState>,
@@ -182,16 +193,18 @@ async fn stream_events(
         open_history(&state.events, registration.client.clone(), request).await?;
 
     let info = &registration.client.info;
-    let connected = json!({
-        "clientId": info.client_id,
-        "userId": info.user_id,
-        "sessionId": info.session_id,
-        "serverTime": event::rfc3339(std::time::SystemTime::now()),
-        "historyGap": history_gap,
-    });
+    let connected = Connected {
+        client_id: info.client_id,
+        user_id: info.user_id.as_deref(),
+        session_id: info.session_id.as_deref(),
+        server_time: event::rfc3339(std::time::SystemTime::now()),
+        history_gap,
+    };
+    // Strings, a UUID and a bool always serialize.
+    let connected = serde_json::to_string(&connected).unwrap_or_default();
     let opening = vec![
         event::encode_retry(state.config.retry),
-        event::encode_unstored("connected", &connected.to_string()),
+        event::encode_unstored("connected", &connected),
     ];
     let stream = ClientStream::new(
         registration,

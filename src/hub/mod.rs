@@ -60,7 +60,6 @@ pub struct Frame {
 #[derive(Debug)]
 pub struct Client {
     pub info: ClientInfo,
-    tx: mpsc::Sender<Frame>,
     queued_bytes: AtomicUsize,
     /// Unix ms of the last write, or of the moment the queue stopped being empty.
     last_progress: AtomicI64,
@@ -84,35 +83,6 @@ impl Client {
         Some(self.last_event_at.load(Relaxed)).filter(|&t| t > 0)
     }
 
-    /// Queues a frame without waiting. `false` when the stream is gone or was too slow.
-    fn offer(&self, frame: Frame) -> Result<(), Offer> {
-        if self.dropped.load(Relaxed) {
-            return Err(Offer::Gone);
-        }
-        let len = frame.bytes.len();
-        let before = self.queued_bytes.fetch_add(len, Relaxed);
-        if before > 0 && before + len > QUEUE_BYTES {
-            self.queued_bytes.fetch_sub(len, Relaxed);
-            return Err(Offer::TooSlow);
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => {
-                if before == 0 {
-                    // The stall clock starts when there is something to write.
-                    self.last_progress.store(now_millis(), Relaxed);
-                }
-                Ok(())
-            }
-            Err(err) => {
-                self.queued_bytes.fetch_sub(len, Relaxed);
-                match err {
-                    mpsc::error::TrySendError::Full(_) => Err(Offer::TooSlow),
-                    mpsc::error::TrySendError::Closed(_) => Err(Offer::Gone),
-                }
-            }
-        }
-    }
-
     /// Record that a frame was handed to the connection.
     fn wrote(&self, frame_len: usize, stored: bool, now: i64, from_queue: bool) {
         if from_queue {
@@ -134,6 +104,47 @@ impl Client {
 enum Offer {
     TooSlow,
     Gone,
+}
+
+/// A registry entry: the stream's client and the sending end of its queue. Only the
+/// registry holds the sender, so removing the entry ends the stream once its queue is
+/// written.
+#[derive(Debug)]
+struct Slot {
+    client: Arc<Client>,
+    tx: mpsc::Sender<Frame>,
+}
+
+impl Slot {
+    /// Queues a frame without waiting.
+    fn offer(&self, frame: Frame) -> Result<(), Offer> {
+        let client = &self.client;
+        if client.dropped.load(Relaxed) {
+            return Err(Offer::Gone);
+        }
+        let len = frame.bytes.len();
+        let before = client.queued_bytes.fetch_add(len, Relaxed);
+        if before > 0 && before + len > QUEUE_BYTES {
+            client.queued_bytes.fetch_sub(len, Relaxed);
+            return Err(Offer::TooSlow);
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                if before == 0 {
+                    // The stall clock starts when there is something to write.
+                    client.last_progress.store(now_millis(), Relaxed);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                client.queued_bytes.fetch_sub(len, Relaxed);
+                match err {
+                    mpsc::error::TrySendError::Full(_) => Err(Offer::TooSlow),
+                    mpsc::error::TrySendError::Closed(_) => Err(Offer::Gone),
+                }
+            }
+        }
+    }
 }
 
 /// Why a stream was not registered.
@@ -174,7 +185,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Registry {
-    clients: HashMap<Uuid, Arc<Client>>,
+    clients: HashMap<Uuid, Slot>,
     by_user: HashMap<String, Vec<Uuid>>,
     by_session: HashMap<String, Vec<Uuid>>,
     /// The id of the last event dispatched: every later event reaches streams registered
@@ -262,7 +273,6 @@ impl Hub {
     ) -> Result<Registration, RegisterError> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
         let client = Arc::new(Client {
-            tx,
             queued_bytes: AtomicUsize::new(0),
             last_progress: AtomicI64::new(info.connected_at),
             events_sent: AtomicU64::new(0),
@@ -287,7 +297,13 @@ impl Hub {
         if let Some(session) = &client.info.session_id {
             reg.by_session.entry(session.clone()).or_default().push(id);
         }
-        reg.clients.insert(id, client.clone());
+        reg.clients.insert(
+            id,
+            Slot {
+                client: client.clone(),
+                tx,
+            },
+        );
         let cursor = reg.cursor.load(Relaxed);
         drop(reg);
         Ok(Registration {
@@ -300,7 +316,7 @@ impl Hub {
 
     fn unregister(&self, id: Uuid) {
         let mut reg = self.write();
-        let Some(client) = reg.clients.remove(&id) else {
+        let Some(Slot { client, .. }) = reg.clients.remove(&id) else {
             return;
         };
         if let Some(user) = &client.info.user_id {
@@ -317,9 +333,8 @@ impl Hub {
             return;
         }
         for id in ids {
-            let client = self.read().clients.get(id).cloned();
-            if let Some(client) = client {
-                client.kill.cancel();
+            if let Some(slot) = self.read().clients.get(id) {
+                slot.client.kill.cancel();
             }
             self.unregister(*id);
         }
@@ -332,7 +347,8 @@ impl Hub {
         {
             let reg = self.read();
             reg.cursor.fetch_max(event.id, Relaxed);
-            reg.for_each_candidate(event.filter, |client| {
+            reg.for_each_candidate(event.filter, |slot| {
+                let client = &slot.client;
                 if !event.filter.is_none_or(|f| f.matches(&client.info)) {
                     return;
                 }
@@ -346,7 +362,7 @@ impl Hub {
                     bytes: event.frame.clone(),
                     settles_pending,
                 };
-                match client.offer(frame) {
+                match slot.offer(frame) {
                     Ok(()) => delivered += 1,
                     Err(Offer::TooSlow) => too_slow.push(client.info.client_id),
                     Err(Offer::Gone) => {}
@@ -360,8 +376,8 @@ impl Hub {
 
     fn drop_slow(&self, ids: &[Uuid]) {
         for id in ids {
-            if let Some(client) = self.read().clients.get(id) {
-                if !client.dropped.swap(true, Relaxed) {
+            if let Some(slot) = self.read().clients.get(id) {
+                if !slot.client.dropped.swap(true, Relaxed) {
                     self.inner.metrics.dropped_slow.fetch_add(1, Relaxed);
                     tracing::info!(client_id = %id, "stream cut off: too slow to read its events");
                 }
@@ -375,9 +391,10 @@ impl Hub {
         let now = now_millis();
         let mut too_slow = Vec::new();
         let mut stale = Vec::new();
-        for client in self.read().clients.values() {
-            if client.is_stalled(now, self.inner.client_timeout) {
-                stale.push(client.info.client_id);
+        for slot in self.read().clients.values() {
+            let id = slot.client.info.client_id;
+            if slot.client.is_stalled(now, self.inner.client_timeout) {
+                stale.push(id);
                 continue;
             }
             let ping = Frame {
@@ -385,8 +402,8 @@ impl Hub {
                 bytes: frame.clone(),
                 settles_pending: false,
             };
-            if let Err(Offer::TooSlow) = client.offer(ping) {
-                too_slow.push(client.info.client_id);
+            if let Err(Offer::TooSlow) = slot.offer(ping) {
+                too_slow.push(id);
             }
         }
         self.drop_slow(&too_slow);
@@ -400,16 +417,16 @@ impl Hub {
             .read()
             .clients
             .values()
-            .filter(|c| c.is_stalled(now, self.inner.client_timeout))
-            .map(|c| c.info.client_id)
+            .filter(|s| s.client.is_stalled(now, self.inner.client_timeout))
+            .map(|s| s.client.info.client_id)
             .collect();
         self.drop_stale(&stale);
     }
 
     fn drop_stale(&self, ids: &[Uuid]) {
         for id in ids {
-            if let Some(client) = self.read().clients.get(id) {
-                if !client.dropped.swap(true, Relaxed) {
+            if let Some(slot) = self.read().clients.get(id) {
+                if !slot.client.dropped.swap(true, Relaxed) {
                     self.inner.metrics.dropped_stale.fetch_add(1, Relaxed);
                     tracing::info!(client_id = %id, "stream cut off: accepted no data for the client timeout");
                 }
@@ -444,9 +461,9 @@ impl Hub {
     pub fn clients(&self, filter: Option<&Filter>) -> Vec<Arc<Client>> {
         let reg = self.read();
         let mut out = Vec::new();
-        reg.for_each_candidate(filter, |client| {
-            if filter.is_none_or(|f| f.matches(&client.info)) {
-                out.push(client.clone());
+        reg.for_each_candidate(filter, |slot| {
+            if filter.is_none_or(|f| f.matches(&slot.client.info)) {
+                out.push(slot.client.clone());
             }
         });
         out
@@ -457,6 +474,7 @@ impl Hub {
         self.read()
             .clients
             .values()
+            .map(|s| &s.client)
             .filter(|c| !c.saved.load(Relaxed) || c.saved_events.load(Relaxed) != c.events_sent())
             .map(|c| SessionRecord::new(c, &self.inner.instance_id, None))
             .collect()
@@ -466,12 +484,12 @@ impl Hub {
     pub fn mark_saved(&self, sessions: &[SessionRecord]) {
         let reg = self.read();
         for session in sessions {
-            let client = session
+            let slot = session
                 .client_id
                 .parse()
                 .ok()
                 .and_then(|id: Uuid| reg.clients.get(&id));
-            if let Some(client) = client {
+            if let Some(Slot { client, .. }) = slot {
                 client
                     .saved_events
                     .store(session.events_sent as u64, Relaxed);
@@ -493,8 +511,8 @@ impl Hub {
 
 impl Registry {
     /// Visits the streams that may match `filter`, through the most selective index.
-    fn for_each_candidate(&self, filter: Option<&Filter>, mut visit: impl FnMut(&Arc<Client>)) {
-        let by_ids = |ids: &mut dyn Iterator<Item = &Uuid>, visit: &mut dyn FnMut(&Arc<Client>)| {
+    fn for_each_candidate(&self, filter: Option<&Filter>, mut visit: impl FnMut(&Slot)) {
+        let by_ids = |ids: &mut dyn Iterator<Item = &Uuid>, visit: &mut dyn FnMut(&Slot)| {
             for id in ids {
                 if let Some(client) = self.clients.get(id) {
                     visit(client);

@@ -1,0 +1,254 @@
+//! The contract's delivery guarantees, through HTTP, on SQLite and on Postgres.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    helpers::{PATIENCE, TestApp, spawn_app, spawn_app_with},
+    on_both_backends,
+};
+
+/// Polls `check` until it holds; fails after `PATIENCE`.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stat(app: &TestApp, name: &str) -> i64 {
+    app.get_json("/api/sse/stats").await.1[name]
+        .as_i64()
+        .unwrap()
+}
+
+fn id(published: &Value) -> i64 {
+    published["eventId"].as_i64().unwrap()
+}
+
+on_both_backends! {
+    async fn pending_notifications_reach_a_user_who_connects_later_once_and_in_order(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        let mut published = Vec::new();
+        for n in 0..3 {
+            let p = app.notify(json!({ "userId": "late" }), "n", json!(n)).await;
+            assert_eq!(p["pending"], true);
+            assert_eq!(p["delivered"], 0);
+            published.push(id(&p));
+        }
+        app.broadcast("other", json!("not pending")).await;
+
+        let mut stream = app.subscribe("userId=late").await;
+        stream.connected().await;
+        let received = stream.take_stored(3).await;
+        let live = app.notify(json!({ "userId": "late" }), "n", json!("live")).await;
+        assert_eq!(live["pending"], false);
+
+        assert_eq!(received, published.iter().enumerate().map(|(n, id)| (*id, json!(n))).collect::<Vec<_>>());
+        assert_eq!(stream.take_stored(1).await, [(id(&live), json!("live"))], "then live, with no repeat");
+        eventually("the pending rows are settled", || async { stat(&app, "pendingNotifications").await == 0 }).await;
+
+        // A second, fresh stream of the same user gets nothing again.
+        let mut again = app.subscribe("userId=late").await;
+        again.connected().await;
+        let marker = app.notify(json!({ "userId": "late" }), "n", json!("marker")).await;
+        assert_eq!(again.take_stored(1).await, [(id(&marker), json!("marker"))]);
+        app.stop().await;
+    }
+
+    async fn replay_by_header_and_by_query_sends_what_was_missed_and_nothing_for_others(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(id(&app.notify(json!({ "userId": "r" }), "n", json!(n)).await));
+            app.notify(json!({ "userId": "someone-else" }), "n", json!("private")).await;
+        }
+        let broadcast = id(&app.broadcast("b", json!("all")).await);
+
+        let after = ids[1].to_string();
+        let mut by_header = app.subscribe_with("userId=r", &[("Last-Event-ID", &after)]).await;
+        let mut by_query = app.subscribe(&format!("userId=r&lastEventId={after}")).await;
+        // The header wins over a stale query value.
+        let mut both = app.subscribe_with("userId=r&lastEventId=0", &[("Last-Event-ID", &after)]).await;
+
+        let expected = vec![(ids[2], json!(2)), (ids[3], json!(3)), (ids[4], json!(4)), (broadcast, json!("all"))];
+        for stream in [&mut by_header, &mut by_query, &mut both] {
+            assert_eq!(stream.connected().await["historyGap"], false);
+            assert_eq!(stream.take_stored(4).await, expected);
+        }
+        let live = id(&app.notify(json!({ "userId": "r" }), "n", json!("live")).await);
+        for stream in [&mut by_header, &mut by_query, &mut both] {
+            assert_eq!(stream.take_stored(1).await, [(live, json!("live"))]);
+        }
+        app.stop().await;
+    }
+
+    async fn replay_under_concurrent_publishers_misses_nothing_and_repeats_nothing(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        const PUBLISHERS: usize = 4;
+        const EACH: usize = 40;
+        let publishers: Vec<_> = (0..PUBLISHERS)
+            .map(|p| {
+                let http = app.http.clone();
+                let url = app.url("/api/sse/notify");
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    for n in 0..EACH {
+                        let target = if n % 3 == 0 { "bystander" } else { "reader" };
+                        let body = json!({ "filter": { "userId": target }, "event": "n", "data": [p, n] });
+                        let response = http.post(&url).json(&body).send().await.unwrap();
+                        assert_eq!(response.status(), StatusCode::ACCEPTED);
+                        let published: Value = response.json().await.unwrap();
+                        if target == "reader" {
+                            mine.push(id(&published));
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+
+        // The reader keeps reconnecting from the last id it saw while they publish.
+        let reader = {
+            let app_url = app.url("");
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut seen: Vec<i64> = Vec::new();
+                let mut reconnects = 0;
+                let mut quiet_streams = 0;
+                loop {
+                    let mut request = http.get(format!("{app_url}/api/sse?userId=reader"));
+                    if let Some(last) = seen.last() {
+                        request = request.header("Last-Event-ID", last.to_string());
+                    }
+                    let response = request.send().await.unwrap();
+                    let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+                    let take = 1 + reconnects % 7;
+                    let mut got = 0;
+                    while got < take {
+                        let next = tokio::time::timeout(Duration::from_millis(500), futures_util::StreamExt::next(&mut events)).await;
+                        let Ok(Some(Ok(event))) = next else { break };
+                        if event.event == "n" {
+                            seen.push(event.id.parse().unwrap());
+                            got += 1;
+                        }
+                    }
+                    reconnects += 1;
+                    quiet_streams = if got == 0 { quiet_streams + 1 } else { 0 };
+                    if quiet_streams >= 2 {
+                        return (seen, reconnects);
+                    }
+                }
+            })
+        };
+        let mut published = Vec::new();
+        for task in publishers {
+            published.extend(task.await.unwrap());
+        }
+        let (seen, reconnects) = tokio::time::timeout(Duration::from_secs(60), reader).await.unwrap().unwrap();
+
+        published.sort();
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "ids arrive in order, none twice: {seen:?}");
+        assert_eq!(seen, published, "every event for the reader, none for the bystander");
+        assert!(reconnects > 10, "the reader reconnected {reconnects} times");
+    }
+
+    async fn a_client_resuming_from_before_the_retained_history_is_told_of_the_gap(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app_with(&db, &[("HISTORY_RETENTION_MS", "300")]).await;
+        let first = id(&app.broadcast("n", json!(1)).await);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let latest = loop {
+            let latest = id(&app.broadcast("n", json!(2)).await);
+            let mut stream = app.subscribe(&format!("lastEventId={first}")).await;
+            if stream.connected().await["historyGap"] == true {
+                break latest;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "retention never deleted the first event");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+
+        let mut current = app.subscribe(&format!("lastEventId={latest}")).await;
+        assert_eq!(current.connected().await["historyGap"], false);
+        app.stop().await;
+    }
+
+    async fn stats_and_pending_notifications_survive_a_restart(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        let mut stream = app.subscribe("userId=u1").await;
+        stream.connected().await;
+        app.notify(json!({ "userId": "u1" }), "n", json!(1)).await;
+        app.notify(json!({ "userId": "u1" }), "n", json!(2)).await;
+        stream.take_stored(2).await;
+        let pending = id(&app.notify(json!({ "userId": "away" }), "n", json!("kept")).await);
+        drop(stream);
+        app.stop().await;
+
+        let app = spawn_app(&db).await;
+        let (_, stats) = app.get_json("/api/sse/stats").await;
+        assert_eq!(stats["totalEventsSent"], 2);
+        assert_eq!(stats["totalConnections"], 1);
+        assert_eq!(stats["pendingNotifications"], 1);
+        assert_eq!(stats["totalClients"], 0);
+        assert_eq!(stats["instances"], 1, "the stopped instance left the shared state");
+        assert!(stats["lastEventTimestamp"].is_string());
+        assert!(stats["averageConnectionDurationMs"].as_i64().unwrap() > 0);
+
+        let mut away = app.subscribe("userId=away").await;
+        away.connected().await;
+        assert_eq!(away.take_stored(1).await, [(pending, json!("kept"))]);
+        let next = id(&app.broadcast("n", json!(3)).await);
+        assert_eq!(next, pending + 1, "ids continue after a restart");
+        app.stop().await;
+    }
+
+    async fn a_slow_client_is_cut_off_and_resumes_without_loss(backend: Backend) {
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        let mut fast = app.subscribe("userId=u1").await;
+        fast.connected().await;
+        // A client that never reads, with a tiny receive window.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut slow = socket.connect(app.addr).await.unwrap();
+        slow.write_all(b"GET /api/sse?userId=u1 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        slow.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+
+        // 24 MB of events: far more than a stream may queue (4 MiB) plus socket buffers.
+        let big = "x".repeat(60 * 1024);
+        let mut ids = Vec::new();
+        let mut fast_received = Vec::new();
+        for n in 0..400 {
+            ids.push(id(&app.notify(json!({ "userId": "u1" }), "big", json!([n, big])).await));
+            fast_received.extend(fast.take_stored(1).await.into_iter().map(|(id, _)| id));
+        }
+
+        assert_eq!(fast_received, ids, "the fast client got every event");
+        let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 1"), "{metrics}");
+
+        // The cut-off client resumes from the last id it had and loses nothing.
+        let mut resumed = app.subscribe_with("userId=u1", &[("Last-Event-ID", &ids[99].to_string())]).await;
+        resumed.connected().await;
+        let replayed: Vec<i64> = resumed.take_stored(300).await.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(replayed, ids[100..]);
+        app.stop().await;
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real app over HTTP with a real SSE client, on SQLite and on a
+//! fresh Postgres database per test.
+
+mod delivery;
+mod helpers;
+mod monitoring;
+mod process;
+mod publishing;
+mod storage;
+mod streams;

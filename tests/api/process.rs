@@ -1,0 +1,466 @@
+//! The real binary: configuration errors, signals, a hard kill, database trouble and
+//! running out of file descriptors.
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+};
+
+use crate::{
+    helpers::{PATIENCE, TestDb, error_code, postgres_admin_url},
+    on_both_backends,
+};
+
+fn server_command(db_url: &str, vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nomey-sse"));
+    command
+        .env_clear()
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", db_url)
+        .env("LOG_FORMAT", "json")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// A running server process.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl Server {
+    async fn start(db_url: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_command(server_command(db_url, vars)).await
+    }
+
+    async fn start_command(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("start the server binary");
+        let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = wait_for_log(&mut logs, "nomey-sse listening").await;
+        let addr = line["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        // Keep reading, or the server blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+        Self {
+            child,
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn notify(&self, user: &str, data: Value) -> Value {
+        let body = json!({ "filter": { "userId": user }, "event": "n", "data": data });
+        let response = self
+            .http
+            .post(self.url("/api/sse/notify"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        response.json().await.unwrap()
+    }
+
+    async fn stats(&self) -> Value {
+        self.http
+            .get(self.url("/api/sse/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the server is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Reads log lines until one's message contains `message`.
+async fn wait_for_log(logs: &mut Lines<BufReader<ChildStdout>>, message: &str) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let line = logs
+                .next_line()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("the server exited before logging {message:?}"));
+            let Ok(line) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(message))
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line with {message:?}"))
+}
+
+#[tokio::test]
+async fn a_bad_configuration_value_stops_the_start_naming_the_variable() {
+    for (name, value) in [
+        ("PING_INTERVAL_MS", "soon"),
+        ("DATABASE_URL", "mysql://db/x"),
+        ("MAX_CLIENTS", "-3"),
+    ] {
+        let output = server_command("sqlite::memory:", &[(name, value)])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            !output.status.success(),
+            "{name}={value} must stop the start"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(name), "stderr names {name}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_and_exits_promptly() {
+    let db = TestDb::sqlite().await;
+    let mut server = Server::start(&db.url, &[]).await;
+    let mut stream = server
+        .http
+        .get(server.url("/api/sse?userId=u1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    stream.chunk().await.unwrap();
+
+    let started = std::time::Instant::now();
+    server.signal("TERM");
+
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the open stream ends");
+    let status = tokio::time::timeout(Duration::from_secs(10), server.child.wait())
+        .await
+        .expect("exits within 10 s");
+    assert!(status.unwrap().success());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+on_both_backends! {
+    async fn a_hard_kill_loses_no_pending_notification_and_no_flushed_count(backend: Backend) {
+        let db = backend.db().await;
+        let mut server = Server::start(&db.url, &[("CLIENT_TIMEOUT_MS", "1000")]).await;
+        let mut stream = server.http.get(server.url("/api/sse?userId=here")).send().await.unwrap();
+        stream.chunk().await.unwrap();
+        server.notify("here", json!(1)).await;
+        server.notify("here", json!(2)).await;
+        let mut pending = Vec::new();
+        for n in 0..3 {
+            pending.push(server.notify("away", json!(n)).await["eventId"].as_i64().unwrap());
+        }
+        // Wait until the counts of the two delivered events are saved.
+        let store = db.store().await;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while store.totals().await.unwrap().events_sent < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "counts were never flushed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        server.signal("KILL");
+        server.child.wait().await.unwrap();
+        drop(stream);
+
+        let server = Server::start(&db.url, &[("CLIENT_TIMEOUT_MS", "1000")]).await;
+        let stats = server.stats().await;
+        assert_eq!(stats["totalEventsSent"], 2);
+        assert_eq!(stats["totalConnections"], 1);
+        assert_eq!(stats["pendingNotifications"], 3);
+        let response = server.http.get(server.url("/api/sse?userId=away")).send().await.unwrap();
+        let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+        let mut received = Vec::new();
+        while received.len() < 3 {
+            let event = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut events)).await.unwrap().unwrap().unwrap();
+            if event.event == "n" {
+                received.push(event.id.parse::<i64>().unwrap());
+            }
+        }
+        assert_eq!(received, pending);
+        // The killed instance's stream stops counting once its heartbeat is stale.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while server.stats().await["clientsByUser"].get("here").is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "the dead instance's client never went away");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A process's resident memory, from `/proc/<pid>/status`.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_reader_that_never_reads_costs_bounded_memory_while_others_get_everything() {
+    let db = TestDb::sqlite().await;
+    let server = Server::start(&db.url, &[]).await;
+    let pid = server.child.id().unwrap();
+    let response = server
+        .http
+        .get(server.url("/api/sse?userId=u1"))
+        .send()
+        .await
+        .unwrap();
+    let mut fast = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /api/sse?userId=u1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    slow.read_exact(&mut head).await.unwrap();
+    // Warm up, so the baseline includes the database's caches.
+    let big = "x".repeat(60 * 1024);
+    for _ in 0..20 {
+        server.notify("nobody", json!(big)).await;
+    }
+    let before = resident_bytes(pid);
+
+    // 60 MB for a client that never reads.
+    let mut delivered = 0;
+    for n in 0..1000 {
+        server.notify("u1", json!([n, big])).await;
+        loop {
+            let event = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut fast))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if event.event == "n" {
+                delivered += 1;
+                break;
+            }
+        }
+    }
+    let grown = resident_bytes(pid).saturating_sub(before);
+
+    assert_eq!(delivered, 1000);
+    assert!(
+        grown < 24 << 20,
+        "the server grew by {grown} bytes while a reader never read"
+    );
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_at_start_is_retried_with_a_clear_error() {
+    // Nothing listens on port 1.
+    let mut command = server_command("postgres://postgres@127.0.0.1:1/none", &[]);
+    let mut child = command.spawn().unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = wait_for_log(&mut logs, "could not open the database").await;
+    let second = wait_for_log(&mut logs, "could not open the database").await;
+    assert!(first["fields"]["error"].is_string());
+    assert!(
+        second["fields"]["retry_in_ms"].as_u64() > first["fields"]["retry_in_ms"].as_u64(),
+        "it backs off"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running, still retrying"
+    );
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recovers() {
+    let db = TestDb::postgres().await;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let server = Server::start(&db.url, &[("PING_INTERVAL_MS", "100")]).await;
+    let mut stream = server
+        .http
+        .get(server.url("/api/sse?userId=u1"))
+        .send()
+        .await
+        .unwrap();
+    stream.chunk().await.unwrap();
+
+    let mut admin = PgConnection::connect(&postgres_admin_url()).await.unwrap();
+    admin
+        .execute(format!(r#"alter database "{name}" allow_connections false"#).as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(
+            format!(
+                "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{name}'"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+
+    let body = json!({ "filter": { "userId": "u1" }, "event": "n", "data": 1 });
+    let refused = server
+        .http
+        .post(server.url("/api/sse/notify"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(refused, StatusCode::SERVICE_UNAVAILABLE).await,
+        "database_unavailable"
+    );
+    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The open stream stays up: heartbeats keep coming.
+    for _ in 0..3 {
+        let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("still open");
+        assert!(!chunk.is_empty());
+    }
+
+    admin
+        .execute(format!(r#"alter database "{name}" allow_connections true"#).as_str())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = server
+            .http
+            .post(server.url("/api/sse/notify"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::ACCEPTED {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let mut text = String::new();
+    while !text.contains("id: 1\n") {
+        let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("still open");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_new_streams_get_503_and_the_rest_keeps_working() {
+    let db = TestDb::sqlite().await;
+    let mut command = server_command(&db.url, &[]);
+    // SAFETY: setrlimit is async-signal-safe and touches nothing but the child's limits.
+    unsafe {
+        command.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 120, 120));
+    }
+    let server = Server::start_command(command).await;
+
+    let mut open = Vec::new();
+    let refused = loop {
+        let response = server
+            .http
+            .get(server.url(&format!("/api/sse?userId=u{}", open.len())))
+            .send()
+            .await
+            .unwrap();
+        if response.status() != StatusCode::OK {
+            break response;
+        }
+        open.push(response);
+        assert!(open.len() < 120, "streams were never refused");
+    };
+    assert_eq!(
+        error_code(refused, StatusCode::SERVICE_UNAVAILABLE).await,
+        "too_many_open_files"
+    );
+    assert!(
+        open.len() > 20,
+        "only {} streams before the limit",
+        open.len()
+    );
+
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let published = server.notify("u0", json!("still publishing")).await;
+    assert_eq!(published["delivered"], 1);
+}

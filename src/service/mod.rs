@@ -80,6 +80,10 @@ struct Inner {
     requests: mpsc::Sender<publisher::Request>,
     started_at: i64,
     metrics: ServiceMetrics,
+    /// Held by a flush from taking the ledger until its transaction commits, and by the
+    /// stats while they add saved and unsaved counts, so that they never see a count in
+    /// flight (in neither place) or twice.
+    flushing: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -107,6 +111,7 @@ impl EventService {
                 requests,
                 started_at: now_millis(),
                 metrics: ServiceMetrics::default(),
+                flushing: tokio::sync::Mutex::new(()),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),

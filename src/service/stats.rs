@@ -95,14 +95,16 @@ impl EventService {
     pub async fn stats(&self) -> Result<Stats, sqlx::Error> {
         let store = self.store();
         let clients = self.clients(None).await?;
+        let ledger = self.hub().ledger();
+        let flushing = self.inner.flushing.lock().await;
         let totals = store.totals().await?;
+        let (unsaved_sent, unsaved_connections, unsaved_closed, unsaved_closed_ms) =
+            ledger.unsaved();
+        drop(flushing);
         let pending_notifications = store.pending_count().await?;
         let other_instances = store
             .other_instances(self.hub().instance_id(), self.alive_since())
             .await?;
-        let ledger = self.hub().ledger();
-        let (unsaved_sent, unsaved_connections, unsaved_closed, unsaved_closed_ms) =
-            ledger.unsaved();
 
         let now = now_millis();
         let mut clients_by_user = BTreeMap::new();

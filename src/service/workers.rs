@@ -17,6 +17,7 @@ const REAP_EVERY: u32 = 10;
 /// ledger keeps what it had, for the next try.
 pub(super) async fn flush(service: &EventService) -> Result<(), sqlx::Error> {
     let hub = service.hub();
+    let _flushing = service.inner.flushing.lock().await;
     // Tallies first: a stream closing after this is still open in the snapshot below, and
     // its end is saved next time.
     let tallies = hub.ledger().take();

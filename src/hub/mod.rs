@@ -469,13 +469,16 @@ impl Hub {
         out
     }
 
-    /// Sessions whose saved copy is behind, for the flusher.
-    pub fn unsaved_sessions(&self) -> Vec<SessionRecord> {
+    /// Sessions never saved, and with `with_counts` those whose event count moved since.
+    pub fn unsaved_sessions(&self, with_counts: bool) -> Vec<SessionRecord> {
         self.read()
             .clients
             .values()
             .map(|s| &s.client)
-            .filter(|c| !c.saved.load(Relaxed) || c.saved_events.load(Relaxed) != c.events_sent())
+            .filter(|c| {
+                !c.saved.load(Relaxed)
+                    || (with_counts && c.saved_events.load(Relaxed) != c.events_sent())
+            })
             .map(|c| SessionRecord::new(c, &self.inner.instance_id, None))
             .collect()
     }

@@ -228,7 +228,7 @@ impl EventService {
 
     /// Saves counts and sessions now.
     pub async fn flush(&self) -> Result<(), sqlx::Error> {
-        workers::flush(self).await
+        workers::flush(self, true).await
     }
 
     /// Waits for the workers to finish after shutdown, saves what is left and removes this

@@ -10,13 +10,17 @@ use crate::event::{self, now_millis};
 
 /// How often counts and sessions are saved (and this instance's heartbeat written).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// How often instances that stopped heart-beating are reaped.
+/// Every this many flushes, instances that stopped heart-beating are reaped and the event
+/// counts of open sessions are saved (new and closed sessions are saved every time): at
+/// 10,000 streams, saving every count every second would keep SQLite's one writer busy.
 const REAP_EVERY: u32 = 10;
 
-/// Saves the ledger and the sessions that changed, in one transaction. On failure the
-/// ledger keeps what it had, for the next try.
-pub(super) async fn flush(service: &EventService) -> Result<(), sqlx::Error> {
+/// Saves new sessions (and, with `refresh_counts`, the counts of open ones), then the
+/// ledger with this instance's heartbeat in one transaction. On failure the ledger keeps
+/// what it had, for the next try.
+pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Result<(), sqlx::Error> {
     let hub = service.hub();
+    let store = service.store();
     let _flushing = service.inner.flushing.lock().await;
     // Tallies first: a stream closing after this is still open in the snapshot below, and
     // its end is saved next time.
@@ -26,21 +30,20 @@ pub(super) async fn flush(service: &EventService) -> Result<(), sqlx::Error> {
         .iter()
         .map(|s| s.client_id.as_str())
         .collect();
-    let mut sessions = hub.unsaved_sessions();
+    let mut sessions = hub.unsaved_sessions(refresh_counts);
     sessions.retain(|s| !closed.contains(s.client_id.as_str()));
-    let saved = service
-        .store()
-        .flush(
-            hub.instance_id(),
-            service.inner.started_at,
-            now_millis(),
-            &sessions,
-            &tallies,
-        )
-        .await;
-    match saved {
-        Ok(()) => hub.mark_saved(&sessions),
-        Err(_) => hub.ledger().restore(tallies),
+    let saved = match store.save_sessions(&sessions).await {
+        Ok(()) => {
+            hub.mark_saved(&sessions);
+            let now = now_millis();
+            store
+                .flush(hub.instance_id(), service.inner.started_at, now, &tallies)
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    if saved.is_err() {
+        hub.ledger().restore(tallies);
     }
     saved
 }
@@ -56,7 +59,8 @@ pub(super) async fn flush_loop(service: EventService) {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        match flush(&service).await {
+        count += 1;
+        match flush(&service, count % REAP_EVERY == 0).await {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("saving counts and sessions works again");
@@ -69,7 +73,6 @@ pub(super) async fn flush_loop(service: EventService) {
             }
             Err(_) => {}
         }
-        count += 1;
         if count % REAP_EVERY == 0 {
             match service.store().reap_instances(service.alive_since()).await {
                 Ok(0) => {}

@@ -1,6 +1,6 @@
 //! Sessions, instances and the running totals.
 
-use sqlx::{Row, any::AnyRow};
+use sqlx::{AnyConnection, Row, any::AnyRow};
 
 use super::{CHUNK_PARAMS, Store, values_list};
 use crate::hub::{SessionRecord, Tallies};
@@ -18,6 +18,36 @@ pub struct Totals {
 const SESSION_COLUMNS: &str = "client_id, instance_id, user_id, session_id, metadata, connected_at, \
                                disconnected_at, last_event_at, events_sent";
 
+/// Session rows per statement.
+const SESSION_BATCH: usize = 500;
+
+async fn upsert_sessions(
+    conn: &mut AnyConnection,
+    rows: impl ExactSizeIterator<Item = &SessionRecord>,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "insert into client_session ({SESSION_COLUMNS}) values {} on conflict (client_id) do update set \
+         disconnected_at = excluded.disconnected_at, last_event_at = excluded.last_event_at, \
+         events_sent = excluded.events_sent",
+        values_list(rows.len(), 9, 0)
+    );
+    let mut query = sqlx::query(&sql);
+    for s in rows {
+        query = query
+            .bind(&s.client_id)
+            .bind(&s.instance_id)
+            .bind(s.user_id.as_deref())
+            .bind(s.session_id.as_deref())
+            .bind(&s.metadata)
+            .bind(s.connected_at)
+            .bind(s.disconnected_at)
+            .bind(s.last_event_at)
+            .bind(s.events_sent);
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
 fn session_from_row(row: &AnyRow) -> Result<SessionRecord, sqlx::Error> {
     Ok(SessionRecord {
         client_id: row.try_get("client_id")?,
@@ -33,13 +63,22 @@ fn session_from_row(row: &AnyRow) -> Result<SessionRecord, sqlx::Error> {
 }
 
 impl Store {
-    /// Saves one instance's heartbeat, sessions and tallies in one transaction.
+    /// Saves open sessions, a few hundred rows per statement: on SQLite every write holds
+    /// the one write lock, and publishes must not wait behind thousands of rows.
+    pub async fn save_sessions(&self, sessions: &[SessionRecord]) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        for chunk in sessions.chunks(SESSION_BATCH) {
+            upsert_sessions(&mut conn, chunk.iter()).await?;
+        }
+        Ok(())
+    }
+
+    /// Saves one instance's heartbeat, closed sessions and tallies in one transaction.
     pub async fn flush(
         &self,
         instance_id: &str,
         started_at: i64,
         now: i64,
-        sessions: &[SessionRecord],
         tallies: &Tallies,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
@@ -52,30 +91,8 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-
-        let all = sessions.iter().chain(&tallies.closed);
-        let rows: Vec<&SessionRecord> = all.collect();
-        for chunk in rows.chunks(CHUNK_PARAMS / 9) {
-            let sql = format!(
-                "insert into client_session ({SESSION_COLUMNS}) values {} on conflict (client_id) do update set \
-                 disconnected_at = excluded.disconnected_at, last_event_at = excluded.last_event_at, \
-                 events_sent = excluded.events_sent",
-                values_list(chunk.len(), 9, 0)
-            );
-            let mut query = sqlx::query(&sql);
-            for s in chunk {
-                query = query
-                    .bind(&s.client_id)
-                    .bind(&s.instance_id)
-                    .bind(s.user_id.as_deref())
-                    .bind(s.session_id.as_deref())
-                    .bind(&s.metadata)
-                    .bind(s.connected_at)
-                    .bind(s.disconnected_at)
-                    .bind(s.last_event_at)
-                    .bind(s.events_sent);
-            }
-            query.execute(&mut *tx).await?;
+        for chunk in tallies.closed.chunks(SESSION_BATCH) {
+            upsert_sessions(&mut tx, chunk.iter()).await?;
         }
 
         if !tallies.is_empty() || tallies.last_event_at.is_some() {

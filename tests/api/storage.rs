@@ -33,8 +33,9 @@ fn session(client: &str, instance: &str, user: &str, closed: Option<i64>) -> Ses
 }
 
 async fn heartbeat(store: &Store, instance: &str, sessions: &[SessionRecord]) {
+    store.save_sessions(sessions).await.unwrap();
     store
-        .flush(instance, 0, now_millis(), sessions, &Tallies::default())
+        .flush(instance, 0, now_millis(), &Tallies::default())
         .await
         .unwrap();
 }
@@ -114,7 +115,7 @@ on_both_backends! {
         assert_eq!(store.pending_count().await.unwrap(), 3);
 
         let tallies = Tallies { settled: vec![("u".into(), 1), ("u".into(), 2)], ..Tallies::default() };
-        store.flush("me", 0, now_millis(), &[], &tallies).await.unwrap();
+        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
 
         assert_eq!(store.pending_count().await.unwrap(), 1);
         assert_eq!(store.pending_between("v", 0, 10, 10).await.unwrap()[0].event_id, 2);
@@ -126,10 +127,11 @@ on_both_backends! {
         let store = db.store().await;
         let open = session("c1", "me", "u", None);
         let tallies = Tallies { events_sent: 5, connections: 2, last_event_at: Some(2_000), ..Tallies::default() };
-        store.flush("me", 0, now_millis(), std::slice::from_ref(&open), &tallies).await.unwrap();
+        store.save_sessions(std::slice::from_ref(&open)).await.unwrap();
+        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
         let closed = SessionRecord { disconnected_at: Some(4_000), events_sent: 5, ..open.clone() };
         let tallies = Tallies { events_sent: 1, closed: vec![closed.clone()], last_event_at: Some(1_500), ..Tallies::default() };
-        store.flush("me", 0, now_millis(), &[], &tallies).await.unwrap();
+        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
 
         let totals = store.totals().await.unwrap();
         assert_eq!(totals.events_sent, 6);

@@ -1,0 +1,252 @@
+//! A small load tool for a running nomey-sse (not a Criterion bench): see BENCHMARKS.md.
+//!
+//! ```text
+//! cargo bench --bench load -- streams --url http://127.0.0.1:8000 --pid <server pid> --streams 10000
+//! cargo bench --bench load -- publish --url http://127.0.0.1:8000 --requests 20000 --concurrency 32
+//! ```
+//!
+//! `streams` opens idle streams over raw TCP (so the client costs little), reports the
+//! server's resident memory per stream, then times broadcasts until every stream has them.
+//! `publish` sends user-targeted events from many tasks and reports rate and latency.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mode = args.first().cloned().unwrap_or_default();
+    let flags: HashMap<&str, &str> = args[1.min(args.len())..]
+        .chunks(2)
+        .filter_map(|pair| {
+            Some((
+                pair.first()?.trim_start_matches("--"),
+                pair.get(1)?.as_str(),
+            ))
+        })
+        .collect();
+    let url = flags
+        .get("url")
+        .copied()
+        .unwrap_or("http://127.0.0.1:8000")
+        .trim_end_matches('/')
+        .to_owned();
+    let number =
+        |name: &str, default: usize| flags.get(name).map_or(Ok(default), |v| v.parse::<usize>());
+    match mode.as_str() {
+        "streams" => {
+            let pid = flags
+                .get("pid")
+                .ok_or("--pid <server pid> is required")?
+                .parse()?;
+            streams(&url, pid, number("streams", 10_000)?, number("rounds", 5)?).await
+        }
+        "publish" => {
+            let requests = number("requests", 20_000)?;
+            publish(
+                &url,
+                requests,
+                number("concurrency", 32)?,
+                number("users", 1000)?,
+            )
+            .await
+        }
+        _ => Err(
+            "usage: load (streams --pid PID [--streams N] | publish [--requests N]) [--url URL]"
+                .into(),
+        ),
+    }
+}
+
+fn resident_kib(pid: u32) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+}
+
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+/// One raw SSE client: reports when it is connected, then each time a `bench` event arrives.
+/// `opening` is held until the stream is connected, which bounds connects in flight.
+async fn idle_stream(
+    addr: String,
+    user: usize,
+    opening: OwnedSemaphorePermit,
+    ready: mpsc::Sender<()>,
+    seen: mpsc::UnboundedSender<Instant>,
+) {
+    let mut opening = Some(opening);
+    let Ok(mut socket) = TcpStream::connect(&addr).await else {
+        eprintln!("connect failed");
+        return;
+    };
+    let request = format!("GET /api/sse?userId=u{user} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    if socket.write_all(request.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 2048];
+    let mut carry = Vec::new();
+    let mut connected = false;
+    loop {
+        let Ok(n) = socket.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let at = Instant::now();
+        carry.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&carry).into_owned();
+        if !connected && text.contains("event: connected") {
+            connected = true;
+            opening.take();
+            let _ = ready.send(()).await;
+        }
+        let markers = text.matches("event: bench").count();
+        for _ in 0..markers {
+            let _ = seen.send(at);
+        }
+        if markers > 0 {
+            carry.clear();
+        } else {
+            // Keep a tail, in case a marker straddles two reads.
+            carry.drain(..carry.len().saturating_sub(16));
+        }
+    }
+}
+
+async fn streams(url: &str, pid: u32, count: usize, rounds: usize) -> Result<(), Error> {
+    let before = resident_kib(pid)?;
+    let addr = host_port(url);
+    let (ready_tx, mut ready_rx) = mpsc::channel(count);
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let opening = Arc::new(Semaphore::new(256));
+    let started = Instant::now();
+    for user in 0..count {
+        let permit = opening.clone().acquire_owned().await?;
+        tokio::spawn(idle_stream(
+            addr.clone(),
+            user,
+            permit,
+            ready_tx.clone(),
+            seen_tx.clone(),
+        ));
+    }
+    for _ in 0..count {
+        ready_rx.recv().await.ok_or("a stream failed to connect")?;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    // Let allocations settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resident_kib(pid)?;
+    println!(
+        "streams: {count} opened in {connect_secs:.2} s ({:.0}/s)",
+        count as f64 / connect_secs
+    );
+    println!(
+        "server RSS: {before} KiB before, {after} KiB after: {:.1} KiB per idle stream",
+        (after.saturating_sub(before)) as f64 / count as f64
+    );
+
+    let http = reqwest::Client::new();
+    for round in 0..rounds {
+        let sent = Instant::now();
+        let response = http
+            .post(format!("{url}/api/sse/broadcast"))
+            .json(&serde_json::json!({ "event": "bench", "data": { "round": round } }))
+            .send()
+            .await?;
+        let accepted = sent.elapsed();
+        if !response.status().is_success() {
+            return Err(format!("broadcast refused: {}", response.status()).into());
+        }
+        let mut latencies = Vec::with_capacity(count);
+        for _ in 0..count {
+            let at = seen_rx.recv().await.ok_or("streams ended")?;
+            latencies.push(at.saturating_duration_since(sent));
+        }
+        latencies.sort();
+        println!(
+            "broadcast {round}: accepted in {:.1} ms; first stream {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, all {count} {:.1} ms",
+            ms(accepted),
+            ms(latencies[0]),
+            ms(latencies[count / 2]),
+            ms(latencies[count * 99 / 100]),
+            ms(latencies[count - 1])
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+async fn publish(
+    url: &str,
+    requests: usize,
+    concurrency: usize,
+    users: usize,
+) -> Result<(), Error> {
+    let http = reqwest::Client::new();
+    let url = format!("{url}/api/sse/notify");
+    let per_task = requests / concurrency;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|task| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_task);
+                for n in 0..per_task {
+                    let user = (task * per_task + n) % users;
+                    let body = serde_json::json!({
+                        "filter": { "userId": format!("u{user}") },
+                        "event": "notification",
+                        "data": { "message": "bench", "n": n },
+                    });
+                    let sent = Instant::now();
+                    let response = http.post(&url).json(&body).send().await?;
+                    if response.status() != reqwest::StatusCode::ACCEPTED {
+                        return Err(format!("publish refused: {}", response.status()).into());
+                    }
+                    latencies.push(sent.elapsed());
+                }
+                Ok::<_, Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(requests);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let total = latencies.len();
+    println!(
+        "publish: {total} user-targeted events from {concurrency} tasks in {elapsed:.2} s: {:.0}/s; p50 {:.2} ms, p99 {:.2} ms",
+        total as f64 / elapsed,
+        ms(latencies[total / 2]),
+        ms(latencies[total * 99 / 100])
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -126,7 +126,7 @@ impl Config {
             Some("json") => true,
             Some(_) => return Err(env.error("LOG_FORMAT", "expected json or text")),
         };
-        let cors_origins = env
+        let cors_origins: Vec<String> = env
             .get("CORS_ORIGINS")
             .map(|list| {
                 list.split(',')
@@ -136,6 +136,15 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
+        if cors_origins
+            .iter()
+            .any(|o| axum::http::HeaderValue::from_str(o).is_err() || o.contains(' '))
+        {
+            return Err(env.error(
+                "CORS_ORIGINS",
+                "expected comma-separated origins such as https://app.example",
+            ));
+        }
         Ok(Self {
             bind_addr,
             database,

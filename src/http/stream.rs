@@ -211,6 +211,7 @@ async fn stream_events(
         opening,
         history,
         state.config.max_stream_duration,
+        params.last_event_id,
     );
 
     let mut response = Response::new(Body::from_stream(stream));

@@ -95,6 +95,11 @@ impl Client {
         }
     }
 
+    /// A queued frame that the stream will not send after all.
+    fn skipped(&self, frame_len: usize) {
+        self.queued_bytes.fetch_sub(frame_len, Relaxed);
+    }
+
     fn is_stalled(&self, now: i64, timeout: Duration) -> bool {
         self.queued_bytes.load(Relaxed) > 0
             && now - self.last_progress.load(Relaxed) > timeout.as_millis() as i64

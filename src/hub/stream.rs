@@ -36,6 +36,9 @@ pub struct ClientStream {
     history: Option<HistoryStream>,
     registration: Registration,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The client's `Last-Event-ID`: live events up to it are not sent again. (Only an
+    /// instance that has not yet dispatched what the client saw elsewhere queues such.)
+    seen_through: i64,
 }
 
 impl ClientStream {
@@ -44,6 +47,7 @@ impl ClientStream {
         opening: Vec<Bytes>,
         history: Option<HistoryStream>,
         max_duration: Option<Duration>,
+        seen_through: Option<i64>,
     ) -> Self {
         let hub = &registration.hub;
         hub.ledger().opened();
@@ -63,6 +67,7 @@ impl ClientStream {
             history,
             deadline: max_duration.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d))),
             registration,
+            seen_through: seen_through.unwrap_or(0),
         }
     }
 
@@ -113,12 +118,17 @@ impl Stream for ClientStream {
                 None => self.history = None,
             }
         }
-        match ready!(self.registration.rx.poll_recv(cx)) {
-            Some(frame) => {
-                self.wrote_stored(frame.id, frame.bytes.len(), true, frame.settles_pending);
-                Poll::Ready(Some(Ok(frame.bytes)))
+        loop {
+            match ready!(self.registration.rx.poll_recv(cx)) {
+                Some(frame) if frame.id > 0 && frame.id <= self.seen_through => {
+                    self.registration.client.skipped(frame.bytes.len());
+                }
+                Some(frame) => {
+                    self.wrote_stored(frame.id, frame.bytes.len(), true, frame.settles_pending);
+                    return Poll::Ready(Some(Ok(frame.bytes)));
+                }
+                None => return Poll::Ready(None),
             }
-            None => Poll::Ready(None),
         }
     }
 }

@@ -111,6 +111,15 @@ enum Offer {
     Gone,
 }
 
+/// Why the hub cut a stream off.
+#[derive(Clone, Copy)]
+enum CutOff {
+    /// Its queue was full.
+    TooSlow,
+    /// It had data waiting and accepted none for the client timeout.
+    Stale,
+}
+
 /// A registry entry: the stream's client and the sending end of its queue. Only the
 /// registry holds the sender, so removing the entry ends the stream once its queue is
 /// written.
@@ -332,13 +341,25 @@ impl Hub {
         }
     }
 
-    /// Cuts streams off: their connections close and their queues are released.
-    fn cut_off(&self, ids: &[Uuid]) {
-        if ids.is_empty() {
-            return;
-        }
+    /// Cuts streams off: their connections close and their queues are released. Counted
+    /// and logged once per stream, whichever path noticed first.
+    fn cut_off(&self, ids: &[Uuid], reason: CutOff) {
         for id in ids {
             if let Some(slot) = self.read().clients.get(id) {
+                if !slot.client.dropped.swap(true, Relaxed) {
+                    let (counter, why) = match reason {
+                        CutOff::TooSlow => (
+                            &self.inner.metrics.dropped_slow,
+                            "too slow to read its events",
+                        ),
+                        CutOff::Stale => (
+                            &self.inner.metrics.dropped_stale,
+                            "accepted no data for the client timeout",
+                        ),
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    tracing::info!(client_id = %id, "stream cut off: {why}");
+                }
                 slot.client.kill.cancel();
             }
             self.unregister(*id);
@@ -374,21 +395,9 @@ impl Hub {
                 }
             });
         }
-        self.drop_slow(&too_slow);
+        self.cut_off(&too_slow, CutOff::TooSlow);
         self.inner.metrics.events_dispatched.fetch_add(1, Relaxed);
         delivered
-    }
-
-    fn drop_slow(&self, ids: &[Uuid]) {
-        for id in ids {
-            if let Some(slot) = self.read().clients.get(id) {
-                if !slot.client.dropped.swap(true, Relaxed) {
-                    self.inner.metrics.dropped_slow.fetch_add(1, Relaxed);
-                    tracing::info!(client_id = %id, "stream cut off: too slow to read its events");
-                }
-            }
-        }
-        self.cut_off(ids);
     }
 
     /// Sends a heartbeat to every stream and cuts off those that stopped accepting data.
@@ -411,8 +420,8 @@ impl Hub {
                 too_slow.push(id);
             }
         }
-        self.drop_slow(&too_slow);
-        self.drop_stale(&stale);
+        self.cut_off(&too_slow, CutOff::TooSlow);
+        self.cut_off(&stale, CutOff::Stale);
     }
 
     /// Cuts off streams that accepted no data for `CLIENT_TIMEOUT_MS`.
@@ -425,19 +434,7 @@ impl Hub {
             .filter(|s| s.client.is_stalled(now, self.inner.client_timeout))
             .map(|s| s.client.info.client_id)
             .collect();
-        self.drop_stale(&stale);
-    }
-
-    fn drop_stale(&self, ids: &[Uuid]) {
-        for id in ids {
-            if let Some(slot) = self.read().clients.get(id) {
-                if !slot.client.dropped.swap(true, Relaxed) {
-                    self.inner.metrics.dropped_stale.fetch_add(1, Relaxed);
-                    tracing::info!(client_id = %id, "stream cut off: accepted no data for the client timeout");
-                }
-            }
-        }
-        self.cut_off(ids);
+        self.cut_off(&stale, CutOff::Stale);
     }
 
     /// Refuses new streams and ends the open ones once their queues are written.

@@ -4,28 +4,11 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    helpers::{PATIENCE, TestApp, spawn_app, spawn_app_with},
+    helpers::{PATIENCE, TestApp, eventually, spawn_app, spawn_app_with, stuck_stream},
     on_both_backends,
 };
-
-/// Polls `check` until it holds; fails after `PATIENCE`.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn stat(app: &TestApp, name: &str) -> i64 {
     app.get_json("/api/sse/stats").await.1[name]
@@ -222,14 +205,7 @@ on_both_backends! {
         let app = spawn_app(&db).await;
         let mut fast = app.subscribe("userId=u1").await;
         fast.connected().await;
-        // A client that never reads, with a tiny receive window.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut slow = socket.connect(app.addr).await.unwrap();
-        slow.write_all(b"GET /api/sse?userId=u1 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        let mut head = [0u8; 12];
-        slow.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
+        let _slow = stuck_stream(app.addr, "userId=u1").await;
 
         // 24 MB of events: far more than a stream may queue (4 MiB) plus socket buffers.
         let big = "x".repeat(60 * 1024);

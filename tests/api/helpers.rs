@@ -8,7 +8,11 @@ use nomey_sse::{Application, Config, EventService, store::Store};
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::task::JoinHandle;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -310,6 +314,36 @@ impl TestApp {
             .expect("the server stops within the grace period")
             .expect("the server task does not panic")
             .expect("the server stops cleanly");
+    }
+}
+
+/// A client that sends its request and then never reads, with a tiny receive window;
+/// returns once the response has started.
+pub async fn stuck_stream(addr: SocketAddr, query: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!("GET /api/sse?{query} HTTP/1.1\r\nHost: test\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    stream
+}
+
+/// Polls `check` until it holds; fails after `PATIENCE`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -7,12 +7,12 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
+    io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
 };
 
 use crate::{
-    helpers::{PATIENCE, TestDb, error_code, postgres_admin_url},
+    helpers::{PATIENCE, TestDb, error_code, eventually, postgres_admin_url, stuck_stream},
     on_both_backends,
 };
 
@@ -83,6 +83,10 @@ impl Server {
             .json()
             .await
             .unwrap()
+    }
+
+    async fn status(&self, path: &str) -> StatusCode {
+        self.http.get(self.url(path)).send().await.unwrap().status()
     }
 
     fn signal(&self, name: &str) {
@@ -181,11 +185,7 @@ on_both_backends! {
         }
         // Wait until the counts of the two delivered events are saved.
         let store = db.store().await;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while store.totals().await.unwrap().events_sent < 2 {
-            assert!(tokio::time::Instant::now() < deadline, "counts were never flushed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually("the counts are flushed", || async { store.totals().await.unwrap().events_sent >= 2 }).await;
 
         server.signal("KILL");
         server.child.wait().await.unwrap();
@@ -207,11 +207,10 @@ on_both_backends! {
         }
         assert_eq!(received, pending);
         // The killed instance's stream stops counting once its heartbeat is stale.
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while server.stats().await["clientsByUser"].get("here").is_some() {
-            assert!(tokio::time::Instant::now() < deadline, "the dead instance's client never went away");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("the dead instance's client goes away", || async {
+            server.stats().await["clientsByUser"].get("here").is_none()
+        })
+        .await;
     }
 }
 
@@ -239,14 +238,7 @@ async fn a_reader_that_never_reads_costs_bounded_memory_while_others_get_everyth
         .await
         .unwrap();
     let mut fast = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(server.addr).await.unwrap();
-    slow.write_all(b"GET /api/sse?userId=u1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 12];
-    slow.read_exact(&mut head).await.unwrap();
+    let _slow = stuck_stream(server.addr, "userId=u1").await;
     // Warm up, so the baseline includes the database's caches.
     let big = "x".repeat(60 * 1024);
     for _ in 0..20 {
@@ -352,8 +344,10 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
         error_code(refused, StatusCode::SERVICE_UNAVAILABLE).await,
         "database_unavailable"
     );
-    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        server.status("/readyz").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     // The open stream stays up: heartbeats keep coming.
     for _ in 0..3 {
         let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
@@ -368,8 +362,7 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
         .execute(format!(r#"alter database "{name}" allow_connections true"#).as_str())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("publishing recovers", || async {
         let response = server
             .http
             .post(server.url("/api/sse/notify"))
@@ -377,25 +370,10 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
             .send()
             .await
             .unwrap();
-        if response.status() == StatusCode::ACCEPTED {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "publishing never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        server
-            .http
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+        response.status() == StatusCode::ACCEPTED
+    })
+    .await;
+    assert_eq!(server.status("/readyz").await, StatusCode::OK);
     let mut text = String::new();
     while !text.contains("id: 1\n") {
         let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
@@ -441,26 +419,8 @@ async fn out_of_file_descriptors_new_streams_get_503_and_the_rest_keeps_working(
         open.len()
     );
 
-    assert_eq!(
-        server
-            .http
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        server
-            .http
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(server.status("/healthz").await, StatusCode::OK);
+    assert_eq!(server.status("/readyz").await, StatusCode::OK);
     let published = server.notify("u0", json!("still publishing")).await;
     assert_eq!(published["delivered"], 1);
 }

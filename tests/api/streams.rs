@@ -5,9 +5,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{PATIENCE, TestDb, error_code, spawn_app, spawn_app_with};
+use crate::helpers::{PATIENCE, TestDb, error_code, spawn_app, spawn_app_with, stuck_stream};
 
 /// Reads raw body chunks until `needle` appears; returns everything read.
 async fn read_until(response: &mut reqwest::Response, needle: &str) -> String {
@@ -188,16 +187,7 @@ async fn a_client_that_vanished_is_removed() {
 async fn a_client_that_accepts_no_data_for_the_client_timeout_is_cut_off_as_stale() {
     let db = TestDb::sqlite().await;
     let app = spawn_app_with(&db, &[("CLIENT_TIMEOUT_MS", "300")]).await;
-    // A client that sends its request and then never reads, with a tiny receive window.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut raw = socket.connect(app.addr).await.unwrap();
-    raw.write_all(b"GET /api/sse?userId=stuck HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 12];
-    raw.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let _raw = stuck_stream(app.addr, "userId=stuck").await;
 
     // Events at a pace the queue absorbs (it holds 4 MiB), until the kernel's buffers are
     // full and the stream stalls; it must then be cut off as stale, not as too slow.

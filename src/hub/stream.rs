@@ -59,7 +59,7 @@ impl ClientStream {
             client_id = %info.client_id,
             user_id = info.user_id.as_deref(),
             session_id = info.session_id.as_deref(),
-            resume_from = registration.cursor,
+            last_event_id = seen_through,
             "stream opened"
         );
         Self {

@@ -128,24 +128,44 @@ impl Store {
     /// Closes the sessions of instances that stopped heart-beating before `alive_since`
     /// (a crash, a hard kill) and forgets those instances.
     pub async fn reap_instances(&self, alive_since: i64) -> Result<u64, sqlx::Error> {
+        // A dead instance's sessions end at its last heartbeat (or, with no instance row
+        // left, at their last event). They count in the closed-session totals, so that
+        // the average connection length does not forget crashes.
+        const END: &str = "coalesce((select i.heartbeat_at from instance i \
+                           where i.instance_id = client_session.instance_id), \
+                           coalesce(last_event_at, connected_at))";
+        const ORPHANED: &str = "disconnected_at is null and instance_id not in \
+                                (select instance_id from instance where heartbeat_at > $1)";
         let mut tx = self.pool.begin().await?;
-        let closed = sqlx::query(
-            "update client_session set disconnected_at = coalesce( \
-                 (select i.heartbeat_at from instance i where i.instance_id = client_session.instance_id), \
-                 coalesce(last_event_at, connected_at)) \
-             where disconnected_at is null and instance_id not in \
-                 (select instance_id from instance where heartbeat_at > $1)",
-        )
+        let (closed, duration_ms): (i64, i64) = sqlx::query_as(&format!(
+            "select count(*), cast(coalesce(sum({END} - connected_at), 0) as bigint) \
+             from client_session where {ORPHANED}"
+        ))
         .bind(alive_since)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_one(&mut *tx)
+        .await?;
+        if closed > 0 {
+            sqlx::query(
+                "update stat set closed_connections = closed_connections + $1, \
+                 closed_duration_ms = closed_duration_ms + $2",
+            )
+            .bind(closed)
+            .bind(duration_ms)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "update client_session set disconnected_at = {END} where {ORPHANED}"
+            ))
+            .bind(alive_since)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("delete from instance where heartbeat_at <= $1")
             .bind(alive_since)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(closed)
+        Ok(closed as u64)
     }
 
     /// Forgets an instance that stopped cleanly, after its last flush.

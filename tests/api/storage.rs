@@ -156,7 +156,12 @@ on_both_backends! {
         // and the instances forgotten.
         assert_eq!(store.reap_instances(0).await.unwrap(), 0);
         assert_eq!(store.reap_instances(now_millis() + 10).await.unwrap(), 2);
-        assert!(store.session("theirs").await.unwrap().unwrap().disconnected_at.is_some());
+        let theirs = store.session("theirs").await.unwrap().unwrap();
+        let ended = theirs.disconnected_at.expect("closed at its instance's last heartbeat");
+        assert!(ended > 1_000);
+        let totals = store.totals().await.unwrap();
+        assert_eq!(totals.closed_connections, 2, "reaped sessions count as closed");
+        assert!(totals.closed_duration_ms >= ended - 1_000);
         assert_eq!(store.other_instances("me", 0).await.unwrap(), 0);
     }
 

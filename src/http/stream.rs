@@ -13,7 +13,7 @@ use axum::{
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{AppState, ConnectionHandle, Error, Result};
+use super::{AppState, ConnectionHandle, Error, Result, bearer_token};
 use crate::{
     event::{self, now_millis},
     hub::{ClientInfo, ClientStream, RegisterError},
@@ -73,6 +73,15 @@ impl StreamParams {
             // An empty value counts as absent.
             *slot = Some(value).filter(|v| !v.is_empty());
         }
+        // The token's size is checked however it comes, before anything reads it.
+        let header_token = bearer_token(headers).map(str::len);
+        let cookie_token = cookie(headers, "sse_token").map(str::len);
+        if header_token
+            .max(cookie_token)
+            .is_some_and(|len| len > MAX_TOKEN_BYTES)
+        {
+            return Err(invalid("token", "at most 4 KiB"));
+        }
         let header_last_id = match headers.get("last-event-id") {
             None => None,
             Some(value) => {
@@ -91,6 +100,17 @@ impl StreamParams {
         params.last_event_id = header_last_id.or(query_last_id);
         Ok(params)
     }
+}
+
+/// A cookie's value from the `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(key, value)| (key == name).then_some(value))
 }
 
 fn invalid(name: &str, rule: &str) -> Error {
@@ -260,6 +280,23 @@ mod tests {
         );
         assert_eq!(parse("lastEventId=").unwrap().last_event_id, None);
         assert!(parse(&format!("token={}", "t".repeat(4097))).is_err());
+    }
+
+    #[test]
+    fn a_token_over_4_kib_is_refused_however_it_comes() {
+        let long = format!("Bearer {}", "t".repeat(4097));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&long).unwrap());
+        assert!(StreamParams::parse(None, &headers).is_err());
+        let mut headers = HeaderMap::new();
+        let cookie = format!("theme=dark; sse_token={}", "t".repeat(4097));
+        headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
+        assert!(StreamParams::parse(None, &headers).is_err());
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; sse_token=short"),
+        );
+        assert!(StreamParams::parse(None, &headers).is_ok());
     }
 
     #[test]

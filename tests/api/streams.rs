@@ -81,6 +81,14 @@ async fn every_bad_stream_parameter_gets_a_json_400_and_the_server_keeps_serving
         (format!("token={}", "t".repeat(4097)), vec![]),
         ("userId=u1".into(), vec![("last-event-id", "12x".into())]),
         ("userId=u1".into(), vec![("last-event-id", "-5".into())]),
+        (
+            "userId=u1".into(),
+            vec![("authorization", format!("Bearer {}", "t".repeat(4097)))],
+        ),
+        (
+            "userId=u1".into(),
+            vec![("cookie", format!("sse_token={}", "t".repeat(4097)))],
+        ),
     ];
     for (query, headers) in &cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -21,11 +21,16 @@ use tower::ServiceExt;
 use crate::http::{ConnectionHandle, FileBudget};
 
 /// Serves until `shutdown` fires, then waits up to `drain` for open connections to finish.
+///
+/// `client_timeout` bounds how long data written to a connection may stay unacknowledged:
+/// a client that vanished without closing (a laptop lid, a dropped network) then fails
+/// the next write instead of letting the kernel buffer heartbeats for many minutes.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     files: FileBudget,
     shutdown: CancellationToken,
+    client_timeout: Duration,
     drain: Duration,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -45,6 +50,8 @@ pub async fn serve(
             }
         };
         let _ = socket.set_nodelay(true);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(client_timeout));
         let guard = files.open();
         let kill = CancellationToken::new();
         let handle = ConnectionHandle(kill.clone());

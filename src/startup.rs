@@ -119,6 +119,7 @@ impl Application {
             router,
             state.files.clone(),
             state.shutdown.clone(),
+            state.config.client_timeout,
             DRAIN,
         )
         .await;

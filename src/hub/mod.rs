@@ -626,6 +626,29 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_with_data_waiting_and_no_write_for_the_timeout_is_cut_off_as_stale() {
+        let hub = Hub::new("i".into(), 10, Duration::from_millis(100));
+        let kill = CancellationToken::new();
+        let reg = hub.register(info("a"), kill.clone()).unwrap();
+        let idle = hub.register(info("b"), CancellationToken::new()).unwrap();
+        dispatch(&hub, 1, Some(&Filter::user("a")));
+        hub.sweep_stale();
+        assert!(
+            !kill.is_cancelled(),
+            "waiting less than the timeout is fine"
+        );
+
+        // Nothing written for longer than the timeout.
+        reg.client.last_progress.fetch_sub(1_000, Relaxed);
+        idle.client.last_progress.fetch_sub(1_000, Relaxed);
+        hub.sweep_stale();
+
+        assert!(kill.is_cancelled());
+        assert_eq!(hub.len(), 1, "an idle stream with nothing waiting stays");
+        assert_eq!(hub.metrics().dropped_stale.load(Relaxed), 1);
+    }
+
+    #[test]
     fn a_full_queue_cuts_the_stream_off() {
         let hub = Hub::new("i".into(), 10, Duration::from_secs(90));
         let kill = CancellationToken::new();

@@ -217,7 +217,7 @@ on_both_backends! {
         }
 
         assert_eq!(fast_received, ids, "the fast client got every event");
-        let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = app.metrics().await;
         assert!(metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 1"), "{metrics}");
 
         // The cut-off client resumes from the last id it had and loses nothing.

@@ -306,6 +306,12 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Stops the app gracefully and waits for it to finish.
     pub async fn stop(self) {
         self.shutdown.cancel();

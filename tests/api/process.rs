@@ -61,15 +61,14 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
+    async fn post_notify(&self, body: &Value) -> reqwest::Response {
+        let request = self.http.post(self.url("/api/sse/notify")).json(body);
+        request.send().await.unwrap()
+    }
+
     async fn notify(&self, user: &str, data: Value) -> Value {
         let body = json!({ "filter": { "userId": user }, "event": "n", "data": data });
-        let response = self
-            .http
-            .post(self.url("/api/sse/notify"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.post_notify(&body).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         response.json().await.unwrap()
     }
@@ -274,10 +273,8 @@ async fn a_reader_that_never_reads_costs_bounded_memory_while_others_get_everyth
         .get(server.url("/metrics"))
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    let metrics = metrics.text().await.unwrap();
     assert!(
         metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 1"),
         "{metrics}"
@@ -333,13 +330,7 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
         .unwrap();
 
     let body = json!({ "filter": { "userId": "u1" }, "event": "n", "data": 1 });
-    let refused = server
-        .http
-        .post(server.url("/api/sse/notify"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let refused = server.post_notify(&body).await;
     assert_eq!(
         error_code(refused, StatusCode::SERVICE_UNAVAILABLE).await,
         "database_unavailable"
@@ -363,14 +354,7 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
         .await
         .unwrap();
     eventually("publishing recovers", || async {
-        let response = server
-            .http
-            .post(server.url("/api/sse/notify"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        response.status() == StatusCode::ACCEPTED
+        server.post_notify(&body).await.status() == StatusCode::ACCEPTED
     })
     .await;
     assert_eq!(server.status("/readyz").await, StatusCode::OK);

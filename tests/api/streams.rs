@@ -214,15 +214,7 @@ async fn a_client_that_accepts_no_data_for_the_client_timeout_is_removed() {
         }
     }
     assert!(cut_off, "the stalled stream was cut off");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 0"),
         "{metrics}"

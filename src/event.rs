@@ -26,6 +26,12 @@ impl EventName {
     }
 }
 
+impl From<EventName> for String {
+    fn from(name: EventName) -> Self {
+        name.0
+    }
+}
+
 impl AsRef<str> for EventName {
     fn as_ref(&self) -> &str {
         &self.0

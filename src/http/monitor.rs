@@ -87,8 +87,7 @@ async fn list_clients(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
     let filter = ClientQuery::parse(query.as_deref()).into_filter()?;
-    let clients = state.events.clients(filter.as_ref()).await?;
-    let stats = state.events.stats().await?;
+    let (clients, stats) = state.events.clients_and_stats(filter.as_ref()).await?;
     Ok(Json(json!({ "clients": clients, "stats": stats })))
 }
 
@@ -135,7 +134,7 @@ async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
         "connections_total",
         "counter",
         "Streams opened on this instance.",
-        &[("", hub.connections.load(Relaxed))],
+        &[("", state.hub.ledger().connections())],
     );
     metric(
         "events_published_total",
@@ -153,7 +152,7 @@ async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
         "events_written_total",
         "counter",
         "Stored events handed to connections.",
-        &[("", hub.events_written.load(Relaxed))],
+        &[("", state.hub.ledger().events_written())],
     );
     metric(
         "frames_written_total",

@@ -74,26 +74,39 @@ impl Tallies {
     }
 }
 
+/// Running totals since start (what `/metrics` shows) and what is not saved yet. The
+/// unsaved counts are derived from the totals and what the last flush took, so each write
+/// of an event costs one shared counter, not two.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    events_sent: AtomicU64,
+    events_written: AtomicU64,
+    connections: AtomicU64,
     last_event_at: AtomicI64,
-    rest: Mutex<Tallies>,
+    rest: Mutex<Unsaved>,
+}
+
+#[derive(Debug, Default)]
+struct Unsaved {
+    /// `events_written` and `connections` as of the last flush.
+    taken_events: u64,
+    taken_connections: u64,
+    closed: Vec<SessionRecord>,
+    settled: Vec<(String, i64)>,
 }
 
 impl Ledger {
-    fn rest(&self) -> std::sync::MutexGuard<'_, Tallies> {
+    fn rest(&self) -> std::sync::MutexGuard<'_, Unsaved> {
         // Plain data: a panic elsewhere cannot leave it half-updated in a harmful way.
         self.rest.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn wrote_event(&self, now: i64) {
-        self.events_sent.fetch_add(1, Relaxed);
+        self.events_written.fetch_add(1, Relaxed);
         self.last_event_at.fetch_max(now, Relaxed);
     }
 
     pub(super) fn opened(&self) {
-        self.rest().connections += 1;
+        self.connections.fetch_add(1, Relaxed);
     }
 
     pub(super) fn closed(&self, session: SessionRecord) {
@@ -104,19 +117,36 @@ impl Ledger {
         self.rest().settled.push((user, event_id));
     }
 
-    /// Takes everything recorded so far.
+    /// Stored events written to streams on this instance since it started.
+    pub fn events_written(&self) -> u64 {
+        self.events_written.load(Relaxed)
+    }
+
+    /// Streams opened on this instance since it started.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Relaxed)
+    }
+
+    /// Takes everything recorded since the last take.
     pub fn take(&self) -> Tallies {
-        let mut tallies = std::mem::take(&mut *self.rest());
-        tallies.events_sent = self.events_sent.swap(0, Relaxed);
-        tallies.last_event_at = Some(self.last_event_at.load(Relaxed)).filter(|&t| t > 0);
+        let mut rest = self.rest();
+        let (events, connections) = (self.events_written(), self.connections());
+        let tallies = Tallies {
+            events_sent: events - rest.taken_events,
+            connections: connections - rest.taken_connections,
+            last_event_at: self.last_event_at(),
+            closed: std::mem::take(&mut rest.closed),
+            settled: std::mem::take(&mut rest.settled),
+        };
+        (rest.taken_events, rest.taken_connections) = (events, connections);
         tallies
     }
 
     /// Puts back what a failed flush took, so the next one writes it.
     pub fn restore(&self, tallies: Tallies) {
-        self.events_sent.fetch_add(tallies.events_sent, Relaxed);
         let mut rest = self.rest();
-        rest.connections += tallies.connections;
+        rest.taken_events -= tallies.events_sent;
+        rest.taken_connections -= tallies.connections;
         rest.closed.extend(tallies.closed);
         rest.settled.extend(tallies.settled);
     }
@@ -124,11 +154,12 @@ impl Ledger {
     /// Unsaved counts for the stats: (events sent, connections, closed sessions, their ms).
     pub fn unsaved(&self) -> (u64, u64, u64, i64) {
         let rest = self.rest();
+        let closed_ms = rest.closed.iter().map(SessionRecord::duration_ms).sum();
         (
-            self.events_sent.load(Relaxed),
-            rest.connections,
+            self.events_written() - rest.taken_events,
+            self.connections() - rest.taken_connections,
             rest.closed.len() as u64,
-            rest.closed_duration_ms(),
+            closed_ms,
         )
     }
 

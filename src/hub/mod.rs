@@ -35,6 +35,8 @@ const QUEUE_EVENTS: usize = 1024;
 /// this, not the count, is what bounds a slow reader's memory.
 const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
+const NEVER_SAVED: u64 = u64::MAX;
+
 /// Who a stream belongs to, as given when it connected.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
@@ -66,9 +68,9 @@ pub struct Client {
     events_sent: AtomicU64,
     /// Unix ms of the last stored event written, 0 for none.
     last_event_at: AtomicI64,
-    /// `events_sent` as last saved, so the flusher writes only sessions that changed.
+    /// `events_sent` as last saved (`NEVER_SAVED` before the first save), so the flusher
+    /// writes only sessions that changed.
     saved_events: AtomicU64,
-    saved: AtomicBool,
     /// Cancels this stream's connection; set for streams that are cut off.
     kill: CancellationToken,
     dropped: AtomicBool,
@@ -173,12 +175,9 @@ pub enum RegisterError {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct HubMetrics {
-    pub events_dispatched: AtomicU64,
     pub frames_written: AtomicU64,
-    pub events_written: AtomicU64,
     pub dropped_slow: AtomicU64,
     pub dropped_stale: AtomicU64,
-    pub connections: AtomicU64,
 }
 
 /// A cheap handle to the registry of this instance's open streams.
@@ -291,8 +290,7 @@ impl Hub {
             last_progress: AtomicI64::new(info.connected_at),
             events_sent: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
-            saved_events: AtomicU64::new(0),
-            saved: AtomicBool::new(false),
+            saved_events: AtomicU64::new(NEVER_SAVED),
             kill,
             dropped: AtomicBool::new(false),
             info,
@@ -396,32 +394,24 @@ impl Hub {
             });
         }
         self.cut_off(&too_slow, CutOff::TooSlow);
-        self.inner.metrics.events_dispatched.fetch_add(1, Relaxed);
         delivered
     }
 
-    /// Sends a heartbeat to every stream and cuts off those that stopped accepting data.
+    /// Sends a heartbeat to every stream; one whose queue is full is cut off. (Stalled
+    /// streams are `sweep_stale`'s.)
     pub fn heartbeat(&self, frame: Bytes) {
-        let now = now_millis();
         let mut too_slow = Vec::new();
-        let mut stale = Vec::new();
         for slot in self.read().clients.values() {
-            let id = slot.client.info.client_id;
-            if slot.client.is_stalled(now, self.inner.client_timeout) {
-                stale.push(id);
-                continue;
-            }
             let ping = Frame {
                 id: 0,
                 bytes: frame.clone(),
                 settles_pending: false,
             };
             if let Err(Offer::TooSlow) = slot.offer(ping) {
-                too_slow.push(id);
+                too_slow.push(slot.client.info.client_id);
             }
         }
         self.cut_off(&too_slow, CutOff::TooSlow);
-        self.cut_off(&stale, CutOff::Stale);
     }
 
     /// Cuts off streams that accepted no data for `CLIENT_TIMEOUT_MS`.
@@ -459,16 +449,13 @@ impl Hub {
         self.len() == 0
     }
 
-    /// The open streams, optionally narrowed by a filter.
-    pub fn clients(&self, filter: Option<&Filter>) -> Vec<Arc<Client>> {
-        let reg = self.read();
-        let mut out = Vec::new();
-        reg.for_each_candidate(filter, |slot| {
-            if filter.is_none_or(|f| f.matches(&slot.client.info)) {
-                out.push(slot.client.clone());
-            }
-        });
-        out
+    /// The open streams.
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        self.read()
+            .clients
+            .values()
+            .map(|s| s.client.clone())
+            .collect()
     }
 
     /// Sessions never saved, and with `with_counts` those whose event count moved since.
@@ -478,8 +465,8 @@ impl Hub {
             .values()
             .map(|s| &s.client)
             .filter(|c| {
-                !c.saved.load(Relaxed)
-                    || (with_counts && c.saved_events.load(Relaxed) != c.events_sent())
+                let saved = c.saved_events.load(Relaxed);
+                saved == NEVER_SAVED || (with_counts && saved != c.events_sent())
             })
             .map(|c| SessionRecord::new(c, &self.inner.instance_id, None))
             .collect()
@@ -498,7 +485,6 @@ impl Hub {
                 client
                     .saved_events
                     .store(session.events_sent as u64, Relaxed);
-                client.saved.store(true, Relaxed);
             }
         }
     }

@@ -51,9 +51,6 @@ impl ClientStream {
     ) -> Self {
         let hub = &registration.hub;
         hub.ledger().opened();
-        hub.metrics()
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let info = &registration.client.info;
         tracing::info!(
             client_id = %info.client_id,
@@ -85,9 +82,6 @@ impl ClientStream {
             .frames_written
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if id > 0 {
-            hub.metrics()
-                .events_written
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             hub.ledger().wrote_event(now);
             if settles_pending {
                 self.settle(id);

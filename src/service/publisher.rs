@@ -54,29 +54,34 @@ pub(super) async fn run(service: EventService, mut requests: mpsc::Receiver<Requ
 async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     let hub = service.hub();
     let now = now_millis();
-    let records: Vec<NewEvent> = batch
-        .iter()
-        .map(|r| NewEvent {
-            kind: r.kind.as_ref().to_owned(),
-            data: r.data.clone(),
-            // A filter serializes: it is plain strings and ids.
-            filter: r
-                .filter
-                .as_ref()
-                .map(|f| serde_json::to_string(f).unwrap_or_default()),
-            pending_candidates: r
-                .filter
-                .as_ref()
-                .map(|f| {
-                    f.target_users()
-                        .into_iter()
-                        .filter(|u| !hub.has_user(u))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            created_at: now,
+    // The data moves into the record: it is stored, then encoded once from there. The
+    // filter is serialized once, for the store and the log line.
+    let (records, targets): (Vec<NewEvent>, Vec<_>) = batch
+        .into_iter()
+        .map(|r| {
+            let record = NewEvent {
+                kind: r.kind.into(),
+                data: r.data,
+                // A filter serializes: it is plain strings and ids.
+                filter: r
+                    .filter
+                    .as_ref()
+                    .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                pending_candidates: r
+                    .filter
+                    .as_ref()
+                    .map(|f| {
+                        f.target_users()
+                            .into_iter()
+                            .filter(|u| !hub.has_user(u))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                created_at: now,
+            };
+            (record, (r.filter, r.reply))
         })
-        .collect();
+        .unzip();
     let appended = match service
         .store()
         .append(&records, hub.instance_id(), service.alive_since())
@@ -84,35 +89,34 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     {
         Ok(appended) => appended,
         Err(error) => {
-            tracing::error!(%error, events = batch.len(), "could not store events");
+            tracing::error!(%error, events = records.len(), "could not store events");
             let error = Arc::new(error);
-            for request in batch {
-                let _ = request
-                    .reply
-                    .send(Err(PublishError::Unavailable(error.clone())));
+            for (_, reply) in targets {
+                let _ = reply.send(Err(PublishError::Unavailable(error.clone())));
             }
             return;
         }
     };
     catch_up(service, appended.first_id - 1).await;
-    for (i, (request, pending_users)) in batch.into_iter().zip(appended.pending).enumerate() {
+    let published = records.iter().zip(targets).zip(appended.pending);
+    for (i, ((record, (filter, reply)), pending_users)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
         let delivered = hub.dispatch(&Dispatch {
             id: event_id,
-            frame: event::encode(event_id, request.kind.as_ref(), &request.data),
-            filter: request.filter.as_ref(),
+            frame: event::encode(event_id, &record.kind, &record.data),
+            filter: filter.as_ref(),
             pending_users: &pending_users,
         });
         let pending = !pending_users.is_empty();
         tracing::info!(
             event_id,
-            event = request.kind.as_ref(),
-            target = %Target(request.filter.as_ref()),
+            event = record.kind,
+            target = record.filter.as_deref().unwrap_or("broadcast"),
             delivered,
             pending,
             "event published"
         );
-        let _ = request.reply.send(Ok(Published {
+        let _ = reply.send(Ok(Published {
             event_id,
             delivered,
             pending,
@@ -157,17 +161,4 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
         filter: filter.as_ref(),
         pending_users: &[],
     });
-}
-
-/// A filter as a log field: who the event was for, without payloads.
-struct Target<'a>(Option<&'a Filter>);
-
-impl std::fmt::Display for Target<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            None => f.write_str("broadcast"),
-            // Serializing a filter cannot fail: strings and ids only.
-            Some(filter) => f.write_str(&serde_json::to_string(filter).unwrap_or_default()),
-        }
-    }
 }

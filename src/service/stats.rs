@@ -72,29 +72,43 @@ impl ClientView {
 impl EventService {
     /// Open streams on every live instance, optionally narrowed by a filter.
     pub async fn clients(&self, filter: Option<&Filter>) -> Result<Vec<ClientView>, sqlx::Error> {
+        Ok(narrowed(self.all_clients().await?, filter))
+    }
+
+    /// The stats (`GET /api/sse/stats`).
+    pub async fn stats(&self) -> Result<Stats, sqlx::Error> {
+        self.stats_of(&self.all_clients().await?).await
+    }
+
+    /// The open streams a filter picks, with the stats over all of them, from one read of
+    /// the other instances' sessions (`GET /api/sse/clients`).
+    pub async fn clients_and_stats(
+        &self,
+        filter: Option<&Filter>,
+    ) -> Result<(Vec<ClientView>, Stats), sqlx::Error> {
+        let all = self.all_clients().await?;
+        let stats = self.stats_of(&all).await?;
+        Ok((narrowed(all, filter), stats))
+    }
+
+    async fn all_clients(&self) -> Result<Vec<ClientView>, sqlx::Error> {
         let hub = self.hub();
         let remote = self
             .store()
             .remote_sessions(hub.instance_id(), self.alive_since())
             .await?;
         let local = hub
-            .clients(filter)
+            .clients()
             .into_iter()
             .map(|c| SessionRecord::new(&c, hub.instance_id(), None));
-        let mut views: Vec<ClientView> = local.map(ClientView::from_session).collect();
-        views.extend(
-            remote
-                .into_iter()
-                .map(ClientView::from_session)
-                .filter(|v| filter.is_none_or(|f| f.matches(&v.info()))),
-        );
+        let mut views: Vec<ClientView> =
+            local.chain(remote).map(ClientView::from_session).collect();
         views.sort_by_key(|v| v.connected_at_ms);
         Ok(views)
     }
 
-    pub async fn stats(&self) -> Result<Stats, sqlx::Error> {
+    async fn stats_of(&self, clients: &[ClientView]) -> Result<Stats, sqlx::Error> {
         let store = self.store();
-        let clients = self.clients(None).await?;
         let ledger = self.hub().ledger();
         let flushing = self.inner.flushing.lock().await;
         let totals = store.totals().await?;
@@ -109,7 +123,7 @@ impl EventService {
         let now = now_millis();
         let mut clients_by_user = BTreeMap::new();
         let mut open_ms = 0;
-        for client in &clients {
+        for client in clients {
             open_ms += now - client.connected_at_ms;
             if let Some(user) = &client.user_id {
                 *clients_by_user.entry(user.clone()).or_insert(0) += 1;
@@ -130,4 +144,11 @@ impl EventService {
             instances: 1 + other_instances,
         })
     }
+}
+
+fn narrowed(mut views: Vec<ClientView>, filter: Option<&Filter>) -> Vec<ClientView> {
+    if let Some(filter) = filter {
+        views.retain(|v| filter.matches(&v.info()));
+    }
+    views
 }

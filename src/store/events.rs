@@ -79,7 +79,7 @@ impl Store {
             .collect();
         candidates.sort_unstable();
         candidates.dedup();
-        let mut elsewhere = Vec::new();
+        let mut elsewhere = std::collections::HashSet::new();
         for chunk in candidates.chunks(CHUNK_PARAMS) {
             let sql = format!(
                 "select distinct s.user_id from client_session s join instance i on i.instance_id = s.instance_id \
@@ -103,7 +103,7 @@ impl Store {
             .map(|e| {
                 e.pending_candidates
                     .iter()
-                    .filter(|u| !elsewhere.contains(u))
+                    .filter(|u| !elsewhere.contains(*u))
                     .cloned()
                     .collect()
             })

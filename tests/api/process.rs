@@ -84,6 +84,15 @@ impl Server {
             .unwrap()
     }
 
+    /// Opens `GET /api/sse?{query}` and reads its first chunk.
+    async fn open_stream(&self, query: &str) -> reqwest::Response {
+        let url = self.url(&format!("/api/sse?{query}"));
+        let mut response = self.http.get(url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.chunk().await.unwrap();
+        response
+    }
+
     async fn status(&self, path: &str) -> StatusCode {
         self.http.get(self.url(path)).send().await.unwrap().status()
     }
@@ -146,14 +155,7 @@ async fn a_bad_configuration_value_stops_the_start_naming_the_variable() {
 async fn sigterm_ends_open_streams_and_exits_promptly() {
     let db = TestDb::sqlite().await;
     let mut server = Server::start(&db.url, &[]).await;
-    let mut stream = server
-        .http
-        .get(server.url("/api/sse?userId=u1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
-    stream.chunk().await.unwrap();
+    let mut stream = server.open_stream("userId=u1").await;
 
     let started = std::time::Instant::now();
     server.signal("TERM");
@@ -174,8 +176,7 @@ on_both_backends! {
     async fn a_hard_kill_loses_no_pending_notification_and_no_flushed_count(backend: Backend) {
         let db = backend.db().await;
         let mut server = Server::start(&db.url, &[("CLIENT_TIMEOUT_MS", "1000")]).await;
-        let mut stream = server.http.get(server.url("/api/sse?userId=here")).send().await.unwrap();
-        stream.chunk().await.unwrap();
+        let stream = server.open_stream("userId=here").await;
         server.notify("here", json!(1)).await;
         server.notify("here", json!(2)).await;
         let mut pending = Vec::new();
@@ -306,13 +307,7 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
     let db = TestDb::postgres().await;
     let name = db.url.rsplit('/').next().unwrap().to_owned();
     let server = Server::start(&db.url, &[("PING_INTERVAL_MS", "100")]).await;
-    let mut stream = server
-        .http
-        .get(server.url("/api/sse?userId=u1"))
-        .send()
-        .await
-        .unwrap();
-    stream.chunk().await.unwrap();
+    let mut stream = server.open_stream("userId=u1").await;
 
     let mut admin = PgConnection::connect(&postgres_admin_url()).await.unwrap();
     admin

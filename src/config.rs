@@ -16,6 +16,11 @@ pub struct Config {
     pub client_timeout: Duration,
     /// Concurrent streams on this instance (`MAX_CLIENTS`).
     pub max_clients: usize,
+    /// Concurrent streams of one user on this instance (`MAX_STREAMS_PER_USER`, 0 = no
+    /// limit).
+    pub max_streams_per_user: usize,
+    /// Most events one resuming stream is sent from the log (`MAX_REPLAY_EVENTS`).
+    pub max_replay_events: usize,
     /// Structured logs on or off (`ENABLE_LOGGING`).
     pub enable_logging: bool,
     /// `LOG_FORMAT=json` for JSON lines.
@@ -121,6 +126,11 @@ impl Config {
         let max_stream_duration =
             Some(env.millis("MAX_STREAM_DURATION_MS", 0)?).filter(|d| !d.is_zero());
         let max_clients: usize = env.parse("MAX_CLIENTS", 1000)?;
+        let max_streams_per_user: usize = env.parse("MAX_STREAMS_PER_USER", 32)?;
+        let max_replay_events: usize = env.parse("MAX_REPLAY_EVENTS", 10_000)?;
+        if max_replay_events == 0 {
+            return Err(env.error("MAX_REPLAY_EVENTS", "must be greater than 0"));
+        }
         let log_json = match env.get("LOG_FORMAT") {
             None | Some("text") | Some("pretty") => false,
             Some("json") => true,
@@ -151,6 +161,8 @@ impl Config {
             ping_interval,
             client_timeout,
             max_clients,
+            max_streams_per_user,
+            max_replay_events,
             enable_logging: env.bool("ENABLE_LOGGING", true)?,
             log_json,
             max_stream_duration,

@@ -1,11 +1,35 @@
-//! Who an event is for.
+//! Who an event is for, and who a stream is: a filter is matched against a client.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::hub::ClientInfo;
+/// Who a stream belongs to, as given when it connected.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub client_id: Uuid,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Unix milliseconds.
+    pub connected_at: i64,
+}
+
+/// Audience keys (see [`Filter::audience`]).
+const BROADCAST: &str = "*";
+const SCANNED: &str = "x";
+const CLIENT_IDS: &str = "c";
+
+impl ClientInfo {
+    /// The audience keys of every stored event this client could match.
+    pub fn audiences(&self) -> Vec<String> {
+        let mut keys = vec![BROADCAST.to_owned(), SCANNED.to_owned()];
+        keys.extend(self.user_id.as_ref().map(|u| format!("u:{u}")));
+        keys.extend(self.session_id.as_ref().map(|s| format!("s:{s}")));
+        keys
+    }
+}
 
 /// A target: every given field must match (AND). `None` fields are not constraints.
 ///
@@ -95,6 +119,28 @@ impl Filter {
                 .is_none_or(|m| m.iter().all(|(k, v)| client.metadata.get(k) == Some(v)))
     }
 
+    /// The key under which the event log indexes an event for replay. Each key comes from
+    /// a field that every matching client shares, so a resuming client reads only the rows
+    /// filed under its own keys (see [`ClientInfo::audiences`]). Filters that name several
+    /// users, or only metadata, share one key that every replay scans.
+    pub fn audience(filter: Option<&Self>) -> String {
+        let Some(filter) = filter else {
+            return BROADCAST.into();
+        };
+        if filter.client_ids.is_some() {
+            // A resuming stream has a new client id: such events are never replayed.
+            CLIENT_IDS.into()
+        } else if let Some(user) = &filter.user_id {
+            format!("u:{user}")
+        } else if filter.user_ids.is_some() {
+            SCANNED.into()
+        } else if let Some(session) = &filter.session_id {
+            format!("s:{session}")
+        } else {
+            SCANNED.into()
+        }
+    }
+
     /// The users this event is addressed to, if it names any: they get it as a pending
     /// notification when they have no open stream.
     pub fn target_users(&self) -> Vec<String> {
@@ -178,5 +224,25 @@ mod tests {
         };
         assert!(both.target_users().is_empty());
         assert!(Filter::metadata([("a", "b")]).target_users().is_empty());
+    }
+
+    #[test]
+    fn a_matching_client_always_holds_the_audience_key_of_the_event() {
+        let admin = client("u1", "s1", &[("role", "admin")]);
+        let filters = [
+            r#"{"userId":"u1"}"#,
+            r#"{"userId":"u1","sessionId":"s1"}"#,
+            r#"{"userIds":["u1","u2"]}"#,
+            r#"{"sessionId":"s1"}"#,
+            r#"{"metadata":{"role":"admin"}}"#,
+        ];
+        let keys = admin.audiences();
+        for json in filters {
+            let filter: Filter = serde_json::from_str(json).unwrap();
+            assert!(filter.matches(&admin), "{json}");
+            assert!(keys.contains(&Filter::audience(Some(&filter))), "{json}");
+        }
+        assert!(keys.contains(&Filter::audience(None)));
+        assert!(!keys.contains(&Filter::audience(Some(&Filter::user("u2")))));
     }
 }

@@ -1,28 +1,35 @@
 //! nomey-sse: real-time notifications over Server-Sent Events, with durable replay.
 //!
 //! # Layout
-//! Live streams are held in memory by the [`hub`]; everything a user would be upset to
-//! lose goes through the [`store`]. [`service::EventService`] joins them: it stores each
-//! publish and fans it out. The [`http`] layer is thin; [`startup`] builds and runs it all
-//! for every entry point.
+//! Each room uses only the rooms below it (the imports show it):
+//!
+//! ```text
+//! main.rs, startup      builds and runs everything
+//! http, server          the HTTP API over EventService; the accept loop and its
+//!                       transport types (connection handles, the open-files budget)
+//! service               EventService: publishing, subscribing, history, workers
+//! hub, store            live streams in memory; durable state (no hub in the store,
+//!                       no database in the hub)
+//! event, filter, config, telemetry   leaves
+//! ```
 
 /// Typed configuration from the environment.
 pub mod config;
 /// Event names, the SSE wire format and times.
 pub mod event;
-/// Who an event is for.
+/// Who an event is for, and who a stream is.
 pub mod filter;
 /// The HTTP API.
-pub mod http;
+pub(crate) mod http;
 /// The registry of open streams and fan-out; no HTTP, no database.
-pub mod hub;
-/// The accept loop over hyper.
-pub mod server;
-/// `EventService`: publishing, history and the background workers.
+pub(crate) mod hub;
+/// The accept loop over hyper, and its transport types.
+pub(crate) mod server;
+/// `EventService`: publishing, subscribing, history and the background workers.
 pub mod service;
 /// Building and running the application.
 pub mod startup;
-/// Durable state on Postgres or SQLite.
+/// Durable state on Postgres or SQLite; public so that it can be read and tested alone.
 pub mod store;
 /// Structured logging.
 pub mod telemetry;

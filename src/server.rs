@@ -1,12 +1,19 @@
 //! The accept loop: hyper's HTTP/1 connection builder driven directly.
 //!
 //! `axum::serve` costs about 11 KB more per idle stream (it rebuilds the router per
-//! connection and its protocol sniffing grows hyper's read buffer to 16 KB; see
-//! PERFORMANCE.md), cannot cancel one connection, and has no answer to running out of
+//! connection, and its protocol sniffing grows hyper's read buffer to 16 KB), cannot
+//! cancel one connection, and has no answer to running out of
 //! file descriptors. Here each connection carries a `ConnectionHandle` the hub can fire,
 //! and counts against the open-files budget.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use axum::{Router, body::Body, extract::Request};
 use hyper::body::Incoming;
@@ -18,7 +25,48 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::http::{ConnectionHandle, FileBudget};
+/// Open connections against the open-files limit, so that streams are refused with 503
+/// while descriptors remain for the database, the listener and everything else.
+#[derive(Clone, Debug)]
+pub struct FileBudget {
+    open: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// Descriptors kept for everything that is not a client connection.
+const RESERVED_FILES: usize = 64;
+
+impl FileBudget {
+    pub fn new(soft_limit: u64) -> Self {
+        Self {
+            open: Arc::default(),
+            limit: soft_limit.saturating_sub(RESERVED_FILES as u64) as usize,
+        }
+    }
+
+    /// Counts one connection until the guard drops.
+    pub fn open(&self) -> FileGuard {
+        self.open.fetch_add(1, Relaxed);
+        FileGuard(self.open.clone())
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.open.load(Relaxed) > self.limit
+    }
+}
+
+pub struct FileGuard(Arc<AtomicUsize>);
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Cancels the connection a request came on; the server puts it in each request's
+/// extensions, and the hub fires it to cut off a stream that is too slow or stale.
+#[derive(Clone, Debug)]
+pub struct ConnectionHandle(pub CancellationToken);
 
 /// Serves until `shutdown` fires, then waits up to `drain` for open connections to finish.
 ///

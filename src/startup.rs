@@ -9,9 +9,9 @@ use uuid::Uuid;
 
 use crate::{
     config::{Config, DatabaseUrl},
-    http::{self, AppState, FileBudget},
+    http::{self, AppState},
     hub::Hub,
-    server,
+    server::{self, FileBudget},
     service::EventService,
     store::Store,
 };
@@ -25,6 +25,8 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    hub: Hub,
+    store: Store,
 }
 
 impl Application {
@@ -59,6 +61,7 @@ impl Application {
         let hub = Hub::new(
             Uuid::new_v4().to_string(),
             config.max_clients,
+            config.max_streams_per_user,
             config.client_timeout,
         );
         let events =
@@ -67,13 +70,16 @@ impl Application {
                 .context("could not start the event service")?;
         let state = AppState {
             events,
-            hub,
-            store,
             config,
             shutdown,
             files,
         };
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            hub,
+            store,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -99,16 +105,20 @@ impl Application {
     /// Serves until the shutdown token fires; then ends every stream cleanly, saves the
     /// counts and sessions and leaves the shared state.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, state } = self;
+        let Self {
+            listener,
+            state,
+            hub,
+            store,
+        } = self;
         tracing::info!(
             addr = %listener.local_addr()?,
-            instance_id = state.hub.instance_id(),
-            store = ?state.store.backend(),
+            instance_id = hub.instance_id(),
+            store = ?store.backend(),
             "nomey-sse listening"
         );
         let router = http::router(state.clone());
         let shutdown = state.shutdown.clone();
-        let hub = state.hub.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
             // Streams end once their queues are written; clients resume elsewhere.
@@ -124,7 +134,7 @@ impl Application {
         )
         .await;
         state.events.finish(TASKS_GRACE).await;
-        state.store.close().await;
+        store.close().await;
         tracing::info!("nomey-sse stopped");
         Ok(())
     }

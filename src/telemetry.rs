@@ -1,5 +1,7 @@
 //! Structured logging with `tracing`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter.
@@ -18,7 +20,12 @@ pub fn init(enabled: bool, json: bool) {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            // Colour only on a terminal: escape codes in a file or a pipe are noise.
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .try_init()
     };
 }

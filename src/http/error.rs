@@ -7,7 +7,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::service::PublishError;
+use crate::service::{PublishError, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,27 +16,25 @@ pub enum Error {
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
     Unauthorized(&'static str),
-    #[error("{0}")]
-    Forbidden(&'static str),
     #[error("no route for {0}")]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("{0}")]
     PayloadTooLarge(String),
-    /// `MAX_CLIENTS` (or the open-files budget) reached.
+    /// `MAX_CLIENTS` (or the open-files budget, or `MAX_STREAMS_PER_USER`) reached.
     #[error("{message}")]
     TooManyClients {
+        status: StatusCode,
         code: &'static str,
         message: String,
         retry_after_secs: u64,
     },
     #[error("the service is shutting down")]
     ShuttingDown,
-    /// The actual database error isn't returned to the client; it is logged where it
-    /// happened.
+    /// The cause isn't returned to the client; it is logged when the response is made.
     #[error("the database is unavailable; try again shortly")]
-    Database(#[from] sqlx::Error),
+    Unavailable(#[from] StoreError),
     #[error("the event could not be stored; try again shortly")]
     PublishUnavailable,
 }
@@ -53,13 +51,12 @@ impl Error {
         match self {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            Self::TooManyClients { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            Self::TooManyClients { status, code, .. } => (*status, code),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            Self::Database(_) | Self::PublishUnavailable => {
+            Self::Unavailable(_) | Self::PublishUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
             }
         }
@@ -79,11 +76,28 @@ impl From<PublishError> for Error {
     }
 }
 
+impl Error {
+    /// A refusal that the client should retry after `retry_after_secs`.
+    pub fn busy(
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    ) -> Self {
+        Self::TooManyClients {
+            status,
+            code,
+            message,
+            retry_after_secs,
+        }
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let Self::Database(error) = &self {
-            tracing::error!(%error, "database error");
+        if let Self::Unavailable(error) = &self {
+            tracing::error!(%error);
         }
         let body = json!({ "error": { "code": code, "message": self.to_string() } });
         let mut response = (status, Json(body)).into_response();

@@ -1,14 +1,11 @@
-//! The HTTP API of `../shared/API.md`: thin handlers over the hub and `EventService`.
+//! The HTTP API (see `docs/reference.md`): thin handlers over `EventService`.
 
 mod error;
 mod monitor;
 mod publish;
 mod stream;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering::Relaxed},
-};
+use std::sync::Arc;
 
 use axum::{
     Router,
@@ -24,7 +21,7 @@ use tower_http::{cors::CorsLayer, trace::TraceLayer};
 
 pub use error::Error;
 
-use crate::{config::Config, hub::Hub, service::EventService, store::Store};
+use crate::{config::Config, server::FileBudget, service::EventService};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -32,55 +29,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub events: EventService,
-    pub hub: Hub,
-    pub store: Store,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
     pub files: FileBudget,
 }
-
-/// Open connections against the open-files limit, so that streams are refused with 503
-/// while descriptors remain for the database, the listener and everything else.
-#[derive(Clone, Debug)]
-pub struct FileBudget {
-    open: Arc<AtomicUsize>,
-    limit: usize,
-}
-
-/// Descriptors kept for everything that is not a client connection.
-const RESERVED_FILES: usize = 64;
-
-impl FileBudget {
-    pub fn new(soft_limit: u64) -> Self {
-        Self {
-            open: Arc::default(),
-            limit: soft_limit.saturating_sub(RESERVED_FILES as u64) as usize,
-        }
-    }
-
-    /// Counts one connection until the guard drops.
-    pub fn open(&self) -> FileGuard {
-        self.open.fetch_add(1, Relaxed);
-        FileGuard(self.open.clone())
-    }
-
-    pub fn exhausted(&self) -> bool {
-        self.open.load(Relaxed) > self.limit
-    }
-}
-
-pub struct FileGuard(Arc<AtomicUsize>);
-
-impl Drop for FileGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Cancels the connection a request came on; the server puts it in each request's
-/// extensions, and the hub fires it to cut off a stream that is too slow or stale.
-#[derive(Clone, Debug)]
-pub struct ConnectionHandle(pub CancellationToken);
 
 /// The whole API, ready to serve.
 pub fn router(state: AppState) -> Router {

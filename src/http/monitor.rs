@@ -1,6 +1,6 @@
 //! Monitoring: `/api/sse/clients`, `/api/sse/stats`, `/metrics`, `/healthz`, `/readyz`.
 
-use std::{fmt::Write, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::fmt::Write;
 
 use axum::{
     Json, Router,
@@ -102,17 +102,13 @@ async fn get_health() -> Json<Value> {
 
 /// Ready while the database answers.
 async fn get_readiness(State(state): State<AppState>) -> Result<Json<Value>> {
-    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => Ok(Json(json!({ "status": "ready" }))),
-        Ok(Err(error)) => Err(Error::Database(error)),
-        Err(_) => Err(Error::Database(sqlx::Error::PoolTimedOut)),
-    }
+    state.events.ready().await?;
+    Ok(Json(json!({ "status": "ready" })))
 }
 
 /// Prometheus text format.
 async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let hub = state.hub.metrics();
-    let service = state.events.metrics();
+    let m = state.events.metrics();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         // Writing to a String cannot fail.
@@ -128,45 +124,67 @@ async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
         "open_streams",
         "gauge",
         "Streams open on this instance.",
-        &[("", state.hub.len() as u64)],
+        &[("", m.open_streams)],
     );
     metric(
         "connections_total",
         "counter",
         "Streams opened on this instance.",
-        &[("", state.hub.ledger().connections())],
+        &[("", m.connections)],
     );
     metric(
         "events_published_total",
         "counter",
         "Events stored and dispatched by this instance.",
-        &[("", service.events_published.load(Relaxed))],
+        &[("", m.events_published)],
     );
     metric(
         "publish_failures_total",
         "counter",
         "Publishes refused because the event could not be stored.",
-        &[("", service.publish_failures.load(Relaxed))],
+        &[("", m.publish_failures)],
     );
     metric(
         "events_written_total",
         "counter",
         "Stored events handed to connections.",
-        &[("", state.hub.ledger().events_written())],
+        &[("", m.events_written)],
     );
     metric(
         "frames_written_total",
         "counter",
         "Frames (events and heartbeats) handed to connections.",
-        &[("", hub.frames_written.load(Relaxed))],
+        &[("", m.frames_written)],
     );
     metric(
         "clients_dropped_total",
         "counter",
         "Streams cut off by the server.",
         &[
-            ("{reason=\"slow\"}", hub.dropped_slow.load(Relaxed)),
-            ("{reason=\"stale\"}", hub.dropped_stale.load(Relaxed)),
+            ("{reason=\"slow\"}", m.dropped_slow),
+            ("{reason=\"stale\"}", m.dropped_stale),
+            ("{reason=\"behind\"}", m.dropped_behind),
+        ],
+    );
+    metric(
+        "unreadable_filters_total",
+        "counter",
+        "Stored events whose filter could not be read, delivered to no one.",
+        &[("", m.unreadable_filters)],
+    );
+    metric(
+        "history_rows_read_total",
+        "counter",
+        "Event-log rows read for replay and pending delivery.",
+        &[("", m.history_rows_read)],
+    );
+    metric(
+        "unsaved_dropped_total",
+        "counter",
+        "Records not kept while the database was away: ended sessions (kept as counts) and settlements.",
+        &[
+            ("{kind=\"session\"}", m.unsaved_sessions_dropped),
+            ("{kind=\"settlement\"}", m.unsaved_settlements_dropped),
         ],
     );
     (

@@ -6,18 +6,15 @@ use axum::{
     Extension, Router,
     body::Body,
     extract::{RawQuery, State},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::Response,
     routing::get,
 };
-use serde::Serialize;
-use uuid::Uuid;
 
-use super::{AppState, ConnectionHandle, Error, Result, bearer_token};
+use super::{AppState, Error, Result, bearer_token};
 use crate::{
-    event::{self, now_millis},
-    hub::{ClientInfo, ClientStream, RegisterError},
-    service::{HistoryRequest, open_history},
+    server::ConnectionHandle,
+    service::{Subscribe, SubscribeError},
 };
 
 pub fn router() -> Router<AppState> {
@@ -151,17 +148,6 @@ fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
         .map_err(|_| invalid(name, "a whole number below 2^63"))
 }
 
-/// The `connected` event's data.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Connected<'a> {
-    client_id: Uuid,
-    user_id: Option<&'a str>,
-    session_id: Option<&'a str>,
-    server_time: String,
-    history_gap: bool,
-}
-
 /// Opens a stream: `retry:`, `connected`, then history, then live events.
 async fn stream_events(
     State(state): State<AppState>,
@@ -170,69 +156,44 @@ async fn stream_events(
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
     let params = StreamParams::parse(query.as_deref(), &headers)?;
-    if state.shutdown.is_cancelled() {
-        return Err(Error::ShuttingDown);
-    }
     let retry_after_secs = state.config.retry.as_secs().max(1);
     if state.files.exhausted() {
-        return Err(Error::TooManyClients {
-            code: "too_many_open_files",
-            message: "the server is out of file descriptors; try again shortly".into(),
+        return Err(Error::busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_open_files",
+            "the server is out of file descriptors; try again shortly".into(),
             retry_after_secs,
-        });
+        ));
     }
-    let kill = connection
-        .map(|Extension(ConnectionHandle(token))| token)
-        .unwrap_or_default();
-    let info = ClientInfo {
-        client_id: Uuid::new_v4(),
+    let request = Subscribe {
         user_id: params.user_id,
         session_id: params.session_id,
         metadata: params.metadata,
-        connected_at: now_millis(),
-    };
-    let registration = state
-        .hub
-        .register(info, kill)
-        .map_err(|error| match error {
-            RegisterError::Full => Error::TooManyClients {
-                code: "too_many_clients",
-                message: format!(
-                    "{} streams are open, the most this instance takes",
-                    state.config.max_clients
-                ),
-                retry_after_secs,
-            },
-            RegisterError::Closed => Error::ShuttingDown,
-        })?;
-    let request = HistoryRequest {
         last_event_id: params.last_event_id,
-        cursor: registration.cursor,
+        kill: connection
+            .map(|Extension(ConnectionHandle(token))| token)
+            .unwrap_or_default(),
     };
-    let (history, history_gap) =
-        open_history(&state.events, registration.client.clone(), request).await?;
-
-    let info = &registration.client.info;
-    let connected = Connected {
-        client_id: info.client_id,
-        user_id: info.user_id.as_deref(),
-        session_id: info.session_id.as_deref(),
-        server_time: event::rfc3339(std::time::SystemTime::now()),
-        history_gap,
-    };
-    // Strings, a UUID and a bool always serialize.
-    let connected = serde_json::to_string(&connected).unwrap_or_default();
-    let opening = vec![
-        event::encode_retry(state.config.retry),
-        event::encode_unstored("connected", &connected),
-    ];
-    let stream = ClientStream::new(
-        registration,
-        opening,
-        history,
-        state.config.max_stream_duration,
-        params.last_event_id,
-    );
+    let stream = state
+        .events
+        .subscribe(request)
+        .await
+        .map_err(|error| match error {
+            SubscribeError::Full(_) => Error::busy(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_clients",
+                error.to_string(),
+                retry_after_secs,
+            ),
+            SubscribeError::UserFull(_) => Error::busy(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                error.to_string(),
+                retry_after_secs,
+            ),
+            SubscribeError::ShuttingDown => Error::ShuttingDown,
+            SubscribeError::Unavailable(error) => Error::Unavailable(error),
+        })?;
 
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();

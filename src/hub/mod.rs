@@ -1,173 +1,48 @@
 //! The hub: who is connected to this instance, and fan-out to them. Knows no HTTP and no
 //! database.
 //!
-//! Each stream has its own bounded queue. A publish takes the registry's read lock, finds
-//! candidates through the user, session and client-id indexes (a publish to one user never
-//! visits other users' streams), and hands each match the event's shared `Bytes` with
-//! `try_send`: nothing here awaits or writes to a socket while a lock is held. A stream
-//! whose queue is full is cut off; it resumes from the event log with `Last-Event-ID`.
+//! Each stream has its own bounded queue ([`client`]). A publish takes the registry's read
+//! lock, finds candidates through the user, session and client-id indexes ([`registry`]),
+//! and hands each match the event's shared `Bytes` with `try_send`: nothing here awaits or
+//! writes to a socket while a lock is held. A stream that falls behind is cut off
+//! ([`cutoff`]) and resumes from the event log with `Last-Event-ID`.
 
-mod ledger;
-mod stream;
+mod client;
+mod cutoff;
+mod registry;
 
 use std::{
-    collections::{BTreeMap, HashMap},
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use ledger::{Ledger, SessionRecord, Tallies};
-pub use stream::{ClientStream, HistoryStream, Replayed};
+pub use client::{Client, Frame};
 
-use crate::{event::now_millis, filter::Filter};
+use client::{Offer, QUEUE_EVENTS, Slot};
+use cutoff::CutOff;
+use registry::Registry;
 
-/// Events a stream may have queued before it counts as too slow (mercure uses 1000).
-const QUEUE_EVENTS: usize = 1024;
-/// Bytes a stream may have queued before it counts as too slow. With events up to 64 KiB
-/// this, not the count, is what bounds a slow reader's memory.
-const QUEUE_BYTES: usize = 4 * 1024 * 1024;
-
-const NEVER_SAVED: u64 = u64::MAX;
-
-/// Who a stream belongs to, as given when it connected.
-#[derive(Clone, Debug)]
-pub struct ClientInfo {
-    pub client_id: Uuid,
-    pub user_id: Option<String>,
-    pub session_id: Option<String>,
-    pub metadata: BTreeMap<String, String>,
-    /// Unix milliseconds.
-    pub connected_at: i64,
-}
-
-/// One frame in a stream's queue. `id` is 0 for frames that are not stored events.
-#[derive(Debug)]
-pub struct Frame {
-    id: i64,
-    bytes: Bytes,
-    /// The event waits in the pending table for this stream's user: handing it over
-    /// settles that.
-    settles_pending: bool,
-}
-
-/// A connected stream as the hub and the monitoring routes see it.
-#[derive(Debug)]
-pub struct Client {
-    pub info: ClientInfo,
-    queued_bytes: AtomicUsize,
-    /// Unix ms of the last write, or of the moment the queue stopped being empty.
-    last_progress: AtomicI64,
-    events_sent: AtomicU64,
-    /// Unix ms of the last stored event written, 0 for none.
-    last_event_at: AtomicI64,
-    /// `events_sent` as last saved (`NEVER_SAVED` before the first save), so the flusher
-    /// writes only sessions that changed.
-    saved_events: AtomicU64,
-    /// Cancels this stream's connection; set for streams that are cut off.
-    kill: CancellationToken,
-    dropped: AtomicBool,
-}
-
-impl Client {
-    pub fn events_sent(&self) -> u64 {
-        self.events_sent.load(Relaxed)
-    }
-
-    pub fn last_event_at(&self) -> Option<i64> {
-        Some(self.last_event_at.load(Relaxed)).filter(|&t| t > 0)
-    }
-
-    /// Record that a frame was handed to the connection.
-    fn wrote(&self, frame_len: usize, stored: bool, now: i64, from_queue: bool) {
-        if from_queue {
-            self.queued_bytes.fetch_sub(frame_len, Relaxed);
-        }
-        self.last_progress.store(now, Relaxed);
-        if stored {
-            self.events_sent.fetch_add(1, Relaxed);
-            self.last_event_at.store(now, Relaxed);
-        }
-    }
-
-    /// A queued frame that the stream will not send after all.
-    fn skipped(&self, frame_len: usize) {
-        self.queued_bytes.fetch_sub(frame_len, Relaxed);
-    }
-
-    fn is_stalled(&self, now: i64, timeout: Duration) -> bool {
-        self.queued_bytes.load(Relaxed) > 0
-            && now - self.last_progress.load(Relaxed) > timeout.as_millis() as i64
-    }
-}
-
-enum Offer {
-    TooSlow,
-    Gone,
-}
-
-/// Why the hub cut a stream off.
-#[derive(Clone, Copy)]
-enum CutOff {
-    /// Its queue was full.
-    TooSlow,
-    /// It had data waiting and accepted none for the client timeout.
-    Stale,
-}
-
-/// A registry entry: the stream's client and the sending end of its queue. Only the
-/// registry holds the sender, so removing the entry ends the stream once its queue is
-/// written.
-#[derive(Debug)]
-struct Slot {
-    client: Arc<Client>,
-    tx: mpsc::Sender<Frame>,
-}
-
-impl Slot {
-    /// Queues a frame without waiting.
-    fn offer(&self, frame: Frame) -> Result<(), Offer> {
-        let client = &self.client;
-        if client.dropped.load(Relaxed) {
-            return Err(Offer::Gone);
-        }
-        let len = frame.bytes.len();
-        let before = client.queued_bytes.fetch_add(len, Relaxed);
-        if before > 0 && before + len > QUEUE_BYTES {
-            client.queued_bytes.fetch_sub(len, Relaxed);
-            return Err(Offer::TooSlow);
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => {
-                if before == 0 {
-                    // The stall clock starts when there is something to write.
-                    client.last_progress.store(now_millis(), Relaxed);
-                }
-                Ok(())
-            }
-            Err(err) => {
-                client.queued_bytes.fetch_sub(len, Relaxed);
-                match err {
-                    mpsc::error::TrySendError::Full(_) => Err(Offer::TooSlow),
-                    mpsc::error::TrySendError::Closed(_) => Err(Offer::Gone),
-                }
-            }
-        }
-    }
-}
+use crate::{
+    event::now_millis,
+    filter::{ClientInfo, Filter},
+};
 
 /// Why a stream was not registered.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RegisterError {
     /// `MAX_CLIENTS` streams are open.
     Full,
+    /// The user has `MAX_STREAMS_PER_USER` streams open.
+    UserFull,
     /// The instance is shutting down.
     Closed,
 }
@@ -178,6 +53,7 @@ pub struct HubMetrics {
     pub frames_written: AtomicU64,
     pub dropped_slow: AtomicU64,
     pub dropped_stale: AtomicU64,
+    pub dropped_behind: AtomicU64,
 }
 
 /// A cheap handle to the registry of this instance's open streams.
@@ -191,21 +67,13 @@ struct Inner {
     instance_id: String,
     registry: RwLock<Registry>,
     max_clients: usize,
+    /// 0 = no limit.
+    max_per_user: usize,
     client_timeout: Duration,
-    ledger: Ledger,
+    /// The stall check's clock starts here. It is tokio's monotonic clock, so a step of
+    /// the wall clock cannot cut every stream at once, and tests can pause it.
+    epoch: Instant,
     metrics: HubMetrics,
-}
-
-#[derive(Debug, Default)]
-struct Registry {
-    clients: HashMap<Uuid, Slot>,
-    by_user: HashMap<String, Vec<Uuid>>,
-    by_session: HashMap<String, Vec<Uuid>>,
-    /// The id of the last event dispatched: every later event reaches streams registered
-    /// now. Moved under the read lock by the one publisher; registration reads it under the
-    /// write lock, so it sees the cursor and the set of streams sent to as one state.
-    cursor: AtomicI64,
-    closed: bool,
 }
 
 /// A registered stream's receiving end. Dropping it unregisters the stream.
@@ -217,6 +85,31 @@ pub struct Registration {
     pub cursor: i64,
     rx: mpsc::Receiver<Frame>,
     hub: Hub,
+}
+
+impl Registration {
+    /// The next queued frame; `None` once the hub has let the stream go.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// Records that a frame of `len` bytes was written (`stored`: it has an id;
+    /// `from_queue`: it came from `poll_frame`).
+    pub fn wrote(&self, len: usize, stored: bool, from_queue: bool) {
+        let hub = &self.hub;
+        self.client
+            .wrote(len, stored, from_queue, hub.clock(), now_millis());
+        hub.inner.metrics.frames_written.fetch_add(1, Relaxed);
+    }
+
+    /// A queued frame that will not be written after all.
+    pub fn skipped(&self, len: usize) {
+        self.client.skipped(len);
+    }
+
+    pub fn instance_id(&self) -> &str {
+        self.hub.instance_id()
+    }
 }
 
 impl Drop for Registration {
@@ -237,14 +130,20 @@ pub struct Dispatch<'a> {
 }
 
 impl Hub {
-    pub fn new(instance_id: String, max_clients: usize, client_timeout: Duration) -> Self {
+    pub fn new(
+        instance_id: String,
+        max_clients: usize,
+        max_per_user: usize,
+        client_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 instance_id,
                 registry: RwLock::default(),
                 max_clients,
+                max_per_user,
                 client_timeout,
-                ledger: Ledger::default(),
+                epoch: Instant::now(),
                 metrics: HubMetrics::default(),
             }),
         }
@@ -254,12 +153,13 @@ impl Hub {
         &self.inner.instance_id
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.inner.ledger
-    }
-
     pub fn metrics(&self) -> &HubMetrics {
         &self.inner.metrics
+    }
+
+    /// Milliseconds on the hub's monotonic clock.
+    fn clock(&self) -> i64 {
+        self.inner.epoch.elapsed().as_millis() as i64
     }
 
     // A poisoned lock means a panic mid-update of plain maps; the maps are still usable,
@@ -285,17 +185,7 @@ impl Hub {
         kill: CancellationToken,
     ) -> Result<Registration, RegisterError> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
-        let client = Arc::new(Client {
-            queued_bytes: AtomicUsize::new(0),
-            last_progress: AtomicI64::new(info.connected_at),
-            events_sent: AtomicU64::new(0),
-            last_event_at: AtomicI64::new(0),
-            saved_events: AtomicU64::new(NEVER_SAVED),
-            kill,
-            dropped: AtomicBool::new(false),
-            info,
-        });
-        let id = client.info.client_id;
+        let client = Arc::new(Client::new(info, kill, self.clock()));
         let mut reg = self.write();
         if reg.closed {
             return Err(RegisterError::Closed);
@@ -303,20 +193,17 @@ impl Hub {
         if reg.clients.len() >= self.inner.max_clients {
             return Err(RegisterError::Full);
         }
+        let max_per_user = self.inner.max_per_user;
         if let Some(user) = &client.info.user_id {
-            reg.by_user.entry(user.clone()).or_default().push(id);
+            if max_per_user > 0 && reg.streams_of(user) >= max_per_user {
+                return Err(RegisterError::UserFull);
+            }
         }
-        if let Some(session) = &client.info.session_id {
-            reg.by_session.entry(session.clone()).or_default().push(id);
-        }
-        reg.clients.insert(
-            id,
-            Slot {
-                client: client.clone(),
-                tx,
-            },
-        );
-        let cursor = reg.cursor.load(Relaxed);
+        reg.insert(Slot {
+            client: client.clone(),
+            tx,
+        });
+        let cursor = reg.cursor();
         drop(reg);
         Ok(Registration {
             client,
@@ -327,47 +214,14 @@ impl Hub {
     }
 
     fn unregister(&self, id: Uuid) {
-        let mut reg = self.write();
-        let Some(Slot { client, .. }) = reg.clients.remove(&id) else {
-            return;
-        };
-        if let Some(user) = &client.info.user_id {
-            remove_from_index(&mut reg.by_user, user, id);
-        }
-        if let Some(session) = &client.info.session_id {
-            remove_from_index(&mut reg.by_session, session, id);
-        }
-    }
-
-    /// Cuts streams off: their connections close and their queues are released. Counted
-    /// and logged once per stream, whichever path noticed first.
-    fn cut_off(&self, ids: &[Uuid], reason: CutOff) {
-        for id in ids {
-            if let Some(slot) = self.read().clients.get(id) {
-                if !slot.client.dropped.swap(true, Relaxed) {
-                    let (counter, why) = match reason {
-                        CutOff::TooSlow => (
-                            &self.inner.metrics.dropped_slow,
-                            "too slow to read its events",
-                        ),
-                        CutOff::Stale => (
-                            &self.inner.metrics.dropped_stale,
-                            "accepted no data for the client timeout",
-                        ),
-                    };
-                    counter.fetch_add(1, Relaxed);
-                    tracing::info!(client_id = %id, "stream cut off: {why}");
-                }
-                slot.client.kill.cancel();
-            }
-            self.unregister(*id);
-        }
+        self.write().remove(id);
     }
 
     /// Hands an event to every matching stream; returns how many took it.
     pub fn dispatch(&self, event: &Dispatch<'_>) -> usize {
         let mut delivered = 0;
         let mut too_slow = Vec::new();
+        let now = self.clock();
         {
             let reg = self.read();
             reg.cursor.fetch_max(event.id, Relaxed);
@@ -386,7 +240,7 @@ impl Hub {
                     bytes: event.frame.clone(),
                     settles_pending,
                 };
-                match slot.offer(frame) {
+                match slot.offer(frame, now) {
                     Ok(()) => delivered += 1,
                     Err(Offer::TooSlow) => too_slow.push(client.info.client_id),
                     Err(Offer::Gone) => {}
@@ -401,30 +255,18 @@ impl Hub {
     /// streams are `sweep_stale`'s.)
     pub fn heartbeat(&self, frame: Bytes) {
         let mut too_slow = Vec::new();
+        let now = self.clock();
         for slot in self.read().clients.values() {
             let ping = Frame {
                 id: 0,
                 bytes: frame.clone(),
                 settles_pending: false,
             };
-            if let Err(Offer::TooSlow) = slot.offer(ping) {
+            if let Err(Offer::TooSlow) = slot.offer(ping, now) {
                 too_slow.push(slot.client.info.client_id);
             }
         }
         self.cut_off(&too_slow, CutOff::TooSlow);
-    }
-
-    /// Cuts off streams that accepted no data for `CLIENT_TIMEOUT_MS`.
-    pub fn sweep_stale(&self) {
-        let now = now_millis();
-        let stale: Vec<Uuid> = self
-            .read()
-            .clients
-            .values()
-            .filter(|s| s.client.is_stalled(now, self.inner.client_timeout))
-            .map(|s| s.client.info.client_id)
-            .collect();
-        self.cut_off(&stale, CutOff::Stale);
     }
 
     /// Refuses new streams and ends the open ones once their queues are written.
@@ -432,13 +274,11 @@ impl Hub {
         let mut reg = self.write();
         reg.closed = true;
         // Dropping the senders ends each stream after what is already queued.
-        reg.clients.clear();
-        reg.by_user.clear();
-        reg.by_session.clear();
+        reg.clear();
     }
 
     pub fn has_user(&self, user: &str) -> bool {
-        self.read().by_user.contains_key(user)
+        self.read().streams_of(user) > 0
     }
 
     pub fn len(&self) -> usize {
@@ -458,35 +298,14 @@ impl Hub {
             .collect()
     }
 
-    /// Sessions never saved, and with `with_counts` those whose event count moved since.
-    pub fn unsaved_sessions(&self, with_counts: bool) -> Vec<SessionRecord> {
+    /// Streams whose saved session lags behind (see [`Client::needs_saving`]).
+    pub fn unsaved_clients(&self, counts: bool) -> Vec<Arc<Client>> {
         self.read()
             .clients
             .values()
-            .map(|s| &s.client)
-            .filter(|c| {
-                let saved = c.saved_events.load(Relaxed);
-                saved == NEVER_SAVED || (with_counts && saved != c.events_sent())
-            })
-            .map(|c| SessionRecord::new(c, &self.inner.instance_id, None))
+            .filter(|s| s.client.needs_saving(counts))
+            .map(|s| s.client.clone())
             .collect()
-    }
-
-    /// Notes that these sessions were saved as recorded.
-    pub fn mark_saved(&self, sessions: &[SessionRecord]) {
-        let reg = self.read();
-        for session in sessions {
-            let slot = session
-                .client_id
-                .parse()
-                .ok()
-                .and_then(|id: Uuid| reg.clients.get(&id));
-            if let Some(Slot { client, .. }) = slot {
-                client
-                    .saved_events
-                    .store(session.events_sent as u64, Relaxed);
-            }
-        }
     }
 
     /// Every event up to `id` is already in the store: streams registered from now on
@@ -496,68 +315,15 @@ impl Hub {
     }
 
     pub fn cursor(&self) -> i64 {
-        self.read().cursor.load(Relaxed)
-    }
-}
-
-impl Registry {
-    /// Visits the streams that may match `filter`, through the most selective index.
-    fn for_each_candidate(&self, filter: Option<&Filter>, mut visit: impl FnMut(&Slot)) {
-        let by_ids = |ids: &mut dyn Iterator<Item = &Uuid>, visit: &mut dyn FnMut(&Slot)| {
-            for id in ids {
-                if let Some(client) = self.clients.get(id) {
-                    visit(client);
-                }
-            }
-        };
-        let Some(filter) = filter else {
-            self.clients.values().for_each(visit);
-            return;
-        };
-        if let Some(ids) = &filter.client_ids {
-            let mut ids = ids.clone();
-            ids.sort_unstable();
-            ids.dedup();
-            by_ids(&mut ids.iter(), &mut visit);
-        } else if let Some(user) = &filter.user_id {
-            by_ids(
-                &mut self.by_user.get(user).into_iter().flatten(),
-                &mut visit,
-            );
-        } else if let Some(users) = &filter.user_ids {
-            let mut users: Vec<&String> = users.iter().collect();
-            users.sort_unstable();
-            users.dedup();
-            by_ids(
-                &mut users
-                    .into_iter()
-                    .filter_map(|u| self.by_user.get(u))
-                    .flatten(),
-                &mut visit,
-            );
-        } else if let Some(session) = &filter.session_id {
-            by_ids(
-                &mut self.by_session.get(session).into_iter().flatten(),
-                &mut visit,
-            );
-        } else {
-            self.clients.values().for_each(visit);
-        }
-    }
-}
-
-fn remove_from_index(index: &mut HashMap<String, Vec<Uuid>>, key: &str, id: Uuid) {
-    if let Some(ids) = index.get_mut(key) {
-        ids.retain(|i| *i != id);
-        if ids.is_empty() {
-            index.remove(key);
-        }
+        self.read().cursor()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
+
+    use super::{client::QUEUE_BYTES, *};
 
     fn info(user: &str) -> ClientInfo {
         ClientInfo {
@@ -569,6 +335,10 @@ mod tests {
         }
     }
 
+    fn hub(max_clients: usize, timeout: Duration) -> Hub {
+        Hub::new("i".into(), max_clients, 2, timeout)
+    }
+
     fn dispatch(hub: &Hub, id: i64, filter: Option<&Filter>) -> usize {
         hub.dispatch(&Dispatch {
             id,
@@ -578,9 +348,9 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_user_targeted_event_reaches_only_that_users_streams() {
-        let hub = Hub::new("i".into(), 10, Duration::from_secs(90));
+    #[tokio::test]
+    async fn a_user_targeted_event_reaches_only_that_users_streams() {
+        let hub = hub(10, Duration::from_secs(90));
         let mut a = hub.register(info("a"), CancellationToken::new()).unwrap();
         let mut b = hub.register(info("b"), CancellationToken::new()).unwrap();
         assert_eq!(dispatch(&hub, 1, Some(&Filter::user("a"))), 1);
@@ -589,44 +359,43 @@ mod tests {
         assert_eq!(dispatch(&hub, 2, None), 2);
     }
 
-    #[test]
-    fn registration_sees_the_cursor_of_the_last_dispatch() {
-        let hub = Hub::new("i".into(), 10, Duration::from_secs(90));
+    #[tokio::test]
+    async fn registration_sees_the_cursor_of_the_last_dispatch() {
+        let hub = hub(10, Duration::from_secs(90));
         dispatch(&hub, 7, None);
         let reg = hub.register(info("a"), CancellationToken::new()).unwrap();
         assert_eq!(reg.cursor, 7);
     }
 
-    #[test]
-    fn max_clients_refuses_then_frees_a_place_on_drop() {
-        let hub = Hub::new("i".into(), 1, Duration::from_secs(90));
+    #[tokio::test]
+    async fn max_clients_and_streams_per_user_refuse_then_free_a_place_on_drop() {
+        let hub = hub(3, Duration::from_secs(90));
         let first = hub.register(info("a"), CancellationToken::new()).unwrap();
-        assert_eq!(
-            hub.register(info("b"), CancellationToken::new())
-                .unwrap_err(),
-            RegisterError::Full
-        );
+        let _second = hub.register(info("a"), CancellationToken::new()).unwrap();
+        let refused = hub.register(info("a"), CancellationToken::new());
+        assert_eq!(refused.unwrap_err(), RegisterError::UserFull);
+        let _other = hub.register(info("b"), CancellationToken::new()).unwrap();
+        let full = hub.register(info("c"), CancellationToken::new());
+        assert_eq!(full.unwrap_err(), RegisterError::Full);
         drop(first);
-        assert!(hub.register(info("b"), CancellationToken::new()).is_ok());
-        assert!(!hub.has_user("a"));
+        assert!(hub.register(info("a"), CancellationToken::new()).is_ok());
     }
 
-    #[test]
-    fn a_stream_with_data_waiting_and_no_write_for_the_timeout_is_cut_off_as_stale() {
-        let hub = Hub::new("i".into(), 10, Duration::from_millis(100));
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_data_waiting_and_no_write_for_the_timeout_is_cut_off_as_stale() {
+        let hub = hub(10, Duration::from_millis(100));
         let kill = CancellationToken::new();
-        let reg = hub.register(info("a"), kill.clone()).unwrap();
-        let idle = hub.register(info("b"), CancellationToken::new()).unwrap();
+        let _reg = hub.register(info("a"), kill.clone()).unwrap();
+        let _idle = hub.register(info("b"), CancellationToken::new()).unwrap();
         dispatch(&hub, 1, Some(&Filter::user("a")));
+        tokio::time::advance(Duration::from_millis(90)).await;
         hub.sweep_stale();
         assert!(
             !kill.is_cancelled(),
             "waiting less than the timeout is fine"
         );
 
-        // Nothing written for longer than the timeout.
-        reg.client.last_progress.fetch_sub(1_000, Relaxed);
-        idle.client.last_progress.fetch_sub(1_000, Relaxed);
+        tokio::time::advance(Duration::from_millis(20)).await;
         hub.sweep_stale();
 
         assert!(kill.is_cancelled());
@@ -634,9 +403,9 @@ mod tests {
         assert_eq!(hub.metrics().dropped_stale.load(Relaxed), 1);
     }
 
-    #[test]
-    fn a_full_queue_cuts_the_stream_off() {
-        let hub = Hub::new("i".into(), 10, Duration::from_secs(90));
+    #[tokio::test]
+    async fn a_full_queue_cuts_the_stream_off() {
+        let hub = hub(10, Duration::from_secs(90));
         let kill = CancellationToken::new();
         let _reg = hub.register(info("a"), kill.clone()).unwrap();
         let big = Bytes::from(vec![b'x'; 64 * 1024]);

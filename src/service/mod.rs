@@ -1,13 +1,19 @@
-//! `EventService`: the library API for sending events, named after the seed module's.
+//! `EventService`: the library API for sending events and opening streams, named after
+//! the seed module's.
 //!
 //! A publish serializes its data once, goes through the publisher task (which stores a
 //! batch of publishes in one transaction and then fans them out in id order), and returns
-//! the stored event's id. Background workers save counts and sessions, send heartbeats and
-//! apply retention; all of them stop on the shutdown token.
+//! the stored event's id. A subscribe registers with the hub, reads the stream's history
+//! and returns the response body. Background workers save counts and sessions, send
+//! heartbeats and apply retention; all of them stop on the shutdown token.
 
+mod error;
 mod history;
+mod ledger;
 mod publisher;
 mod stats;
+mod stream;
+mod subscribe;
 mod workers;
 
 use std::{
@@ -22,15 +28,20 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use history::{HistoryRequest, open_history};
+pub use error::{PublishError, StoreError, SubscribeError};
 pub use stats::{ClientView, Stats};
+pub use stream::ClientStream;
+pub use subscribe::Subscribe;
+
+use error::Doing;
+use ledger::Ledger;
 
 use crate::{
     config::Config,
     event::{EventName, MAX_DATA_BYTES, now_millis},
     filter::Filter,
-    hub::Hub,
-    store::Store,
+    hub::{Client, Hub},
+    store::{SessionRecord, Store, StoredEvent},
 };
 
 /// The result of a publish, as `POST /api/sse/notify` answers it.
@@ -44,26 +55,31 @@ pub struct Published {
     pub pending: bool,
 }
 
-/// Why a publish was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("data is larger than {MAX_DATA_BYTES} bytes once serialized")]
-    TooLarge,
-    #[error("data could not be serialized as JSON")]
-    Serialize(#[from] serde_json::Error),
-    #[error("the event could not be stored")]
-    Unavailable(#[source] Arc<sqlx::Error>),
-    #[error("the service is shutting down")]
-    ShuttingDown,
-}
-
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
-pub struct ServiceMetrics {
-    pub events_published: AtomicU64,
-    pub publish_failures: AtomicU64,
+struct ServiceMetrics {
+    events_published: AtomicU64,
+    publish_failures: AtomicU64,
+    unreadable_filters: AtomicU64,
+    history_rows_read: AtomicU64,
+}
+
+/// What `/metrics` shows, read at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Metrics {
+    pub open_streams: u64,
+    pub connections: u64,
+    pub events_published: u64,
+    pub publish_failures: u64,
+    pub events_written: u64,
+    pub frames_written: u64,
+    pub dropped_slow: u64,
+    pub dropped_stale: u64,
+    pub dropped_behind: u64,
+    pub unreadable_filters: u64,
+    pub history_rows_read: u64,
+    pub unsaved_sessions_dropped: u64,
+    pub unsaved_settlements_dropped: u64,
 }
 
 /// A cheap handle for sending events to connected clients.
@@ -80,6 +96,7 @@ struct Inner {
     requests: mpsc::Sender<publisher::Request>,
     started_at: i64,
     metrics: ServiceMetrics,
+    ledger: Ledger,
     /// Held by a flush from taking the ledger until its transaction commits, and by the
     /// stats while they add saved and unsaved counts, so that they never see a count in
     /// flight (in neither place) or twice.
@@ -98,9 +115,12 @@ impl EventService {
         store: Store,
         config: Arc<Config>,
         shutdown: CancellationToken,
-    ) -> Result<Self, sqlx::Error> {
+    ) -> Result<Self, StoreError> {
         // Everything already stored is history to streams that connect from now on.
-        let (last_event_id, _) = store.event_horizon().await?;
+        let (last_event_id, _) = store
+            .event_horizon()
+            .await
+            .doing("read the event log's horizon")?;
         hub.advance_cursor(last_event_id);
         let (requests, receiver) = mpsc::channel(PUBLISH_QUEUE);
         let service = Self {
@@ -111,6 +131,7 @@ impl EventService {
                 requests,
                 started_at: now_millis(),
                 metrics: ServiceMetrics::default(),
+                ledger: Ledger::default(),
                 flushing: tokio::sync::Mutex::new(()),
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -127,11 +148,11 @@ impl EventService {
         Ok(service)
     }
 
-    pub fn hub(&self) -> &Hub {
+    pub(crate) fn hub(&self) -> &Hub {
         &self.inner.hub
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.inner.store
     }
 
@@ -139,8 +160,35 @@ impl EventService {
         &self.inner.config
     }
 
-    pub fn metrics(&self) -> &ServiceMetrics {
-        &self.inner.metrics
+    /// Whether the database answers.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        let ping = tokio::time::timeout(Duration::from_secs(2), self.store().ping()).await;
+        ping.unwrap_or(Err(sqlx::Error::PoolTimedOut))
+            .doing("reach the database")
+    }
+
+    /// The counters behind `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        let (hub, service, ledger) = (
+            self.hub().metrics(),
+            &self.inner.metrics,
+            &self.inner.ledger,
+        );
+        Metrics {
+            open_streams: self.hub().len() as u64,
+            connections: ledger.connections(),
+            events_published: service.events_published.load(Relaxed),
+            publish_failures: service.publish_failures.load(Relaxed),
+            events_written: ledger.events_written(),
+            frames_written: hub.frames_written.load(Relaxed),
+            dropped_slow: hub.dropped_slow.load(Relaxed),
+            dropped_stale: hub.dropped_stale.load(Relaxed),
+            dropped_behind: hub.dropped_behind.load(Relaxed),
+            unreadable_filters: service.unreadable_filters.load(Relaxed),
+            history_rows_read: service.history_rows_read.load(Relaxed),
+            unsaved_sessions_dropped: ledger.dropped_sessions.load(Relaxed),
+            unsaved_settlements_dropped: ledger.dropped_settlements.load(Relaxed),
+        }
     }
 
     /// Sends `data` as event `event` to the clients that match `filter`.
@@ -221,13 +269,31 @@ impl EventService {
         result
     }
 
+    /// A stored event's filter (`None` for a broadcast), or `None` overall when it cannot
+    /// be read: such an event is delivered to no one (it might be a private event written
+    /// by a newer version), logged and counted.
+    fn stored_filter(&self, stored: &StoredEvent) -> Option<Option<Filter>> {
+        match parse_filter(stored.filter.as_deref()) {
+            Ok(filter) => Some(filter),
+            Err(error) => {
+                self.inner.metrics.unreadable_filters.fetch_add(1, Relaxed);
+                tracing::error!(
+                    event_id = stored.event_id,
+                    %error,
+                    "an event's filter cannot be read; delivering it to no one"
+                );
+                None
+            }
+        }
+    }
+
     /// Heartbeats older than this mark an instance (and its sessions) as gone.
     fn alive_since(&self) -> i64 {
         now_millis() - self.inner.config.client_timeout.as_millis() as i64
     }
 
     /// Saves counts and sessions now.
-    pub async fn flush(&self) -> Result<(), sqlx::Error> {
+    pub async fn flush(&self) -> Result<(), StoreError> {
         workers::flush(self, true).await
     }
 
@@ -241,7 +307,7 @@ impl EventService {
             tracing::warn!("background tasks did not stop in time");
         }
         if let Err(error) = self.flush().await {
-            tracing::error!(%error, "could not save counts and sessions at shutdown");
+            tracing::error!(%error, "at shutdown");
         }
         let instance_id = self.inner.hub.instance_id();
         if let Err(error) = self
@@ -249,8 +315,35 @@ impl EventService {
             .store
             .remove_instance(instance_id, now_millis())
             .await
+            .doing("remove this instance from the shared state")
         {
-            tracing::error!(%error, "could not remove this instance from the shared state");
+            tracing::error!(%error, "at shutdown");
         }
+    }
+}
+
+/// A filter as the log stores it: JSON, or null for a broadcast.
+fn parse_filter(filter: Option<&str>) -> Result<Option<Filter>, serde_json::Error> {
+    filter.map(serde_json::from_str).transpose()
+}
+
+/// A stream's session as the store saves it.
+fn session_record(
+    client: &Client,
+    instance_id: &str,
+    disconnected_at: Option<i64>,
+) -> SessionRecord {
+    let info = &client.info;
+    SessionRecord {
+        client_id: info.client_id.to_string(),
+        instance_id: instance_id.to_owned(),
+        user_id: info.user_id.clone(),
+        session_id: info.session_id.clone(),
+        // A map of strings always serializes.
+        metadata: serde_json::to_string(&info.metadata).unwrap_or_else(|_| "{}".into()),
+        connected_at: info.connected_at,
+        disconnected_at,
+        last_event_at: client.last_event_at(),
+        events_sent: client.events_sent() as i64,
     }
 }

@@ -4,11 +4,11 @@
 //! the next one together (group commit): one round trip for many events. Because one task
 //! commits and then dispatches, this instance's streams receive events in id order.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{EventService, PublishError, Published};
+use super::{EventService, PublishError, Published, error::Doing};
 use crate::{
     event::{self, EventName, now_millis},
     filter::Filter,
@@ -20,6 +20,8 @@ use crate::{
 const MAX_BATCH: usize = 256;
 /// Most events read at once to catch up on ids that other instances took.
 const GAP_PAGE: i64 = 1000;
+/// Reads of a catch-up page before giving up on it (waiting 50, 100, 200 ms between).
+const CATCH_UP_TRIES: u32 = 4;
 
 pub(super) struct Request {
     pub kind: EventName,
@@ -67,6 +69,7 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
                     .filter
                     .as_ref()
                     .map(|f| serde_json::to_string(f).unwrap_or_default()),
+                audience: Filter::audience(r.filter.as_ref()),
                 pending_candidates: r
                     .filter
                     .as_ref()
@@ -86,11 +89,11 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
         .store()
         .append(&records, hub.instance_id(), service.alive_since())
         .await
+        .doing("store events")
     {
         Ok(appended) => appended,
         Err(error) => {
-            tracing::error!(%error, events = records.len(), "could not store events");
-            let error = Arc::new(error);
+            tracing::error!(%error, events = records.len());
             for (_, reply) in targets {
                 let _ = reply.send(Err(PublishError::Unavailable(error.clone())));
             }
@@ -125,22 +128,35 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
 }
 
 /// Dispatches events that other instances stored since this one last dispatched, so that
-/// every id up to the cursor has reached this instance's streams.
+/// every id up to the cursor has reached this instance's streams. A read that keeps
+/// failing never lets the cursor pass events silently: the streams are cut off and resume
+/// from the log.
 async fn catch_up(service: &EventService, through: i64) {
     let hub = service.hub();
     let mut after = hub.cursor();
+    let mut failures = 0;
     while after < through {
         let events = match service
             .store()
             .events_between(after, through, GAP_PAGE)
             .await
+            .doing("read events stored by other instances")
         {
             Ok(events) => events,
+            Err(error) if failures + 1 < CATCH_UP_TRIES => {
+                tracing::warn!(%error, after, through, "retrying");
+                tokio::time::sleep(Duration::from_millis(50 << failures)).await;
+                failures += 1;
+                continue;
+            }
             Err(error) => {
-                tracing::warn!(%error, after, through, "could not read events stored by other instances");
+                tracing::error!(%error, after, through);
+                hub.cut_off_all(through);
                 break;
             }
         };
+        failures = 0;
+        // Retention may have deleted the rest of the gap: nothing left to hand over.
         let Some(last) = events.last() else { break };
         after = last.event_id;
         for stored in &events {
@@ -151,10 +167,9 @@ async fn catch_up(service: &EventService, through: i64) {
 }
 
 fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
-    let filter: Option<Filter> = stored
-        .filter
-        .as_deref()
-        .and_then(|f| serde_json::from_str(f).ok());
+    let Some(filter) = service.stored_filter(stored) else {
+        return;
+    };
     service.hub().dispatch(&Dispatch {
         id: stored.event_id,
         frame: event::encode(stored.event_id, &stored.kind, &stored.data),

@@ -5,11 +5,15 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::EventService;
+use super::{
+    EventService,
+    error::{Doing, StoreError},
+    session_record,
+};
 use crate::{
     event::{now_millis, rfc3339_millis},
-    filter::Filter,
-    hub::{ClientInfo, SessionRecord},
+    filter::{ClientInfo, Filter},
+    store::SessionRecord,
 };
 
 /// The seed's `SSEStats`, durable (`GET /api/sse/stats`).
@@ -71,12 +75,12 @@ impl ClientView {
 
 impl EventService {
     /// Open streams on every live instance, optionally narrowed by a filter.
-    pub async fn clients(&self, filter: Option<&Filter>) -> Result<Vec<ClientView>, sqlx::Error> {
+    pub async fn clients(&self, filter: Option<&Filter>) -> Result<Vec<ClientView>, StoreError> {
         Ok(narrowed(self.all_clients().await?, filter))
     }
 
     /// The stats (`GET /api/sse/stats`).
-    pub async fn stats(&self) -> Result<Stats, sqlx::Error> {
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
         self.stats_of(&self.all_clients().await?).await
     }
 
@@ -85,40 +89,45 @@ impl EventService {
     pub async fn clients_and_stats(
         &self,
         filter: Option<&Filter>,
-    ) -> Result<(Vec<ClientView>, Stats), sqlx::Error> {
+    ) -> Result<(Vec<ClientView>, Stats), StoreError> {
         let all = self.all_clients().await?;
         let stats = self.stats_of(&all).await?;
         Ok((narrowed(all, filter), stats))
     }
 
-    async fn all_clients(&self) -> Result<Vec<ClientView>, sqlx::Error> {
+    async fn all_clients(&self) -> Result<Vec<ClientView>, StoreError> {
         let hub = self.hub();
         let remote = self
             .store()
             .remote_sessions(hub.instance_id(), self.alive_since())
-            .await?;
+            .await
+            .doing("read other instances' sessions")?;
         let local = hub
             .clients()
             .into_iter()
-            .map(|c| SessionRecord::new(&c, hub.instance_id(), None));
+            .map(|c| session_record(&c, hub.instance_id(), None));
         let mut views: Vec<ClientView> =
             local.chain(remote).map(ClientView::from_session).collect();
         views.sort_by_key(|v| v.connected_at_ms);
         Ok(views)
     }
 
-    async fn stats_of(&self, clients: &[ClientView]) -> Result<Stats, sqlx::Error> {
+    async fn stats_of(&self, clients: &[ClientView]) -> Result<Stats, StoreError> {
         let store = self.store();
-        let ledger = self.hub().ledger();
+        let ledger = &self.inner.ledger;
         let flushing = self.inner.flushing.lock().await;
-        let totals = store.totals().await?;
+        let totals = store.totals().await.doing("read the totals")?;
         let (unsaved_sent, unsaved_connections, unsaved_closed, unsaved_closed_ms) =
             ledger.unsaved();
         drop(flushing);
-        let pending_notifications = store.pending_count().await?;
+        let pending_notifications = store
+            .pending_count()
+            .await
+            .doing("count pending notifications")?;
         let other_instances = store
             .other_instances(self.hub().instance_id(), self.alive_since())
-            .await?;
+            .await
+            .doing("count the other instances")?;
 
         let now = now_millis();
         let mut clients_by_user = BTreeMap::new();

@@ -5,7 +5,11 @@ use std::{collections::HashSet, time::Duration};
 
 use tokio::time::{MissedTickBehavior, interval};
 
-use super::EventService;
+use super::{
+    EventService,
+    error::{Doing, StoreError},
+    session_record,
+};
 use crate::event::{self, now_millis};
 
 /// How often counts and sessions are saved (and this instance's heartbeat written).
@@ -18,32 +22,63 @@ const REAP_EVERY: u32 = 10;
 /// Saves new sessions (and, with `refresh_counts`, the counts of open ones), then the
 /// ledger with this instance's heartbeat in one transaction. On failure the ledger keeps
 /// what it had, for the next try.
-pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Result<(), sqlx::Error> {
+pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Result<(), StoreError> {
     let hub = service.hub();
     let store = service.store();
+    let ledger = &service.inner.ledger;
     let _flushing = service.inner.flushing.lock().await;
     // Tallies first: a stream closing after this is still open in the snapshot below, and
     // its end is saved next time.
-    let tallies = hub.ledger().take();
+    let (tallies, lost_rows) = ledger.take();
     let closed: HashSet<&str> = tallies
         .closed
         .iter()
         .map(|s| s.client_id.as_str())
         .collect();
-    let mut sessions = hub.unsaved_sessions(refresh_counts);
-    sessions.retain(|s| !closed.contains(s.client_id.as_str()));
-    let saved = match store.save_sessions(&sessions).await {
-        Ok(()) => {
-            hub.mark_saved(&sessions);
-            let now = now_millis();
-            store
-                .flush(hub.instance_id(), service.inner.started_at, now, &tallies)
-                .await
+    let clients = hub.unsaved_clients(refresh_counts);
+    let sessions: Vec<_> = clients
+        .iter()
+        .map(|c| session_record(c, hub.instance_id(), None))
+        .filter(|s| !closed.contains(s.client_id.as_str()))
+        .collect();
+    let saved = async {
+        store
+            .save_sessions(&sessions)
+            .await
+            .doing("save open sessions")?;
+        for (client, session) in clients.iter().zip(&sessions) {
+            client.mark_saved(session.events_sent as u64);
         }
-        Err(error) => Err(error),
-    };
-    if saved.is_err() {
-        hub.ledger().restore(tallies);
+        store
+            .flush(
+                hub.instance_id(),
+                service.inner.started_at,
+                now_millis(),
+                &tallies,
+            )
+            .await
+            .doing("save counts and ended sessions")?;
+        if lost_rows {
+            let open = hub
+                .clients()
+                .iter()
+                .map(|c| c.info.client_id.to_string())
+                .collect();
+            let closed = store
+                .close_sessions_except(hub.instance_id(), &open, now_millis())
+                .await
+                .doing("close the rows of sessions that ended during an outage")?;
+            tracing::info!(
+                closed,
+                "closed the rows of sessions that ended during the outage"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    match saved {
+        Ok(()) => ledger.saved(&tallies),
+        Err(_) => ledger.restore(tallies, lost_rows),
     }
     saved
 }
@@ -69,15 +104,16 @@ pub(super) async fn flush_loop(service: EventService) {
             // Once per outage, not once a second.
             Err(error) if !failing => {
                 failing = true;
-                tracing::error!(%error, "could not save counts and sessions; will retry");
+                tracing::error!(%error, "will retry every second");
             }
             Err(_) => {}
         }
         if count % REAP_EVERY == 0 {
-            match service.store().reap_instances(service.alive_since()).await {
+            let reaped = service.store().reap_instances(service.alive_since()).await;
+            match reaped.doing("close the sessions of stopped instances") {
                 Ok(0) => {}
                 Ok(closed) => tracing::info!(closed, "closed the sessions of stopped instances"),
-                Err(error) => tracing::debug!(%error, "could not reap stopped instances"),
+                Err(error) => tracing::debug!(%error),
             }
         }
     }
@@ -117,10 +153,10 @@ pub(super) async fn retention_loop(service: EventService) {
             () = shutdown.cancelled() => return,
         }
         let cutoff = now_millis() - retention.as_millis() as i64;
-        match service.store().prune(cutoff).await {
+        match service.store().prune(cutoff).await.doing("apply retention") {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "deleted events past retention"),
-            Err(error) => tracing::warn!(%error, "could not apply retention"),
+            Err(error) => tracing::warn!(%error),
         }
     }
 }

@@ -12,6 +12,8 @@ pub struct NewEvent {
     pub data: String,
     /// Serialized `Filter`, `None` for a broadcast.
     pub filter: Option<String>,
+    /// The key replay finds the event under (`Filter::audience`).
+    pub audience: String,
     /// Named users with no open stream on this instance: each gets a pending row unless
     /// another live instance has a stream of theirs.
     pub pending_candidates: Vec<String>,
@@ -62,7 +64,7 @@ impl Store {
         instance_id: &str,
         alive_since: i64,
     ) -> Result<Appended, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let last: i64 = sqlx::query_scalar(
             "update event_counter set last_event_id = last_event_id + $1 returning last_event_id",
         )
@@ -109,20 +111,21 @@ impl Store {
             })
             .collect();
 
-        for (n, chunk) in batch.chunks(CHUNK_PARAMS / 5).enumerate() {
+        for (n, chunk) in batch.chunks(CHUNK_PARAMS / 6).enumerate() {
             let sql = format!(
-                "insert into event ({EVENT_COLUMNS}) values {}",
-                values_list(chunk.len(), 5, 0)
+                "insert into event ({EVENT_COLUMNS}, audience) values {}",
+                values_list(chunk.len(), 6, 0)
             );
             let mut query = sqlx::query(&sql);
             for (i, event) in chunk.iter().enumerate() {
-                let id = first_id + (n * CHUNK_PARAMS / 5 + i) as i64;
+                let id = first_id + (n * CHUNK_PARAMS / 6 + i) as i64;
                 query = query
                     .bind(id)
                     .bind(&event.kind)
                     .bind(&event.data)
                     .bind(event.filter.as_deref())
-                    .bind(event.created_at);
+                    .bind(event.created_at)
+                    .bind(&event.audience);
             }
             query.execute(&mut *tx).await?;
         }
@@ -166,6 +169,68 @@ impl Store {
         rows.iter().map(StoredEvent::from_row).collect()
     }
 
+    /// Events filed under one of `audiences` with `after < id <= up_to`, oldest first, at
+    /// most `limit`: a replay's candidates, read through the audience index.
+    pub async fn events_for(
+        &self,
+        audiences: &[String],
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!(
+            "select {EVENT_COLUMNS} from event where audience in ({}) and event_id > $1 and event_id <= $2 \
+             order by event_id limit $3",
+            placeholders(audiences.len(), 3)
+        );
+        let mut query = sqlx::query(&sql).bind(after).bind(up_to).bind(limit);
+        for audience in audiences {
+            query = query.bind(audience);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(StoredEvent::from_row).collect()
+    }
+
+    /// How many events are filed under one of `audiences` with `after < id <= up_to`.
+    pub async fn count_for(
+        &self,
+        audiences: &[String],
+        after: i64,
+        up_to: i64,
+    ) -> Result<i64, sqlx::Error> {
+        let sql = format!(
+            "select count(*) from event where audience in ({}) and event_id > $1 and event_id <= $2",
+            placeholders(audiences.len(), 2)
+        );
+        let mut query = sqlx::query_scalar(&sql).bind(after).bind(up_to);
+        for audience in audiences {
+            query = query.bind(audience);
+        }
+        query.fetch_one(&self.pool).await
+    }
+
+    /// The ids and filters of events filed under one of `audiences` with
+    /// `after < id < before`, newest first, at most `limit`: how a bounded replay finds
+    /// where to start without reading the events' data.
+    pub async fn filters_for_desc(
+        &self,
+        audiences: &[String],
+        after: i64,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+        let sql = format!(
+            "select event_id, filter from event where audience in ({}) and event_id > $1 and event_id < $2 \
+             order by event_id desc limit $3",
+            placeholders(audiences.len(), 3)
+        );
+        let mut query = sqlx::query_as(&sql).bind(after).bind(before).bind(limit);
+        for audience in audiences {
+            query = query.bind(audience);
+        }
+        query.fetch_all(&self.pool).await
+    }
+
     /// A user's pending events with `after < id <= up_to`, oldest first, at most `limit`.
     pub async fn pending_between(
         &self,
@@ -198,7 +263,7 @@ impl Store {
     /// Deletes events (and their pending rows) created before `cutoff`, and sessions that
     /// closed before it. Returns the number of events deleted.
     pub async fn prune(&self, cutoff: i64) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let through: Option<i64> =
             sqlx::query_scalar("select max(event_id) from event where created_at < $1")
                 .bind(cutoff)
@@ -236,4 +301,12 @@ impl Store {
             .fetch_one(&self.pool)
             .await
     }
+}
+
+/// `$n, $n+1, …` for `count` values after `offset` parameters.
+fn placeholders(count: usize, offset: usize) -> String {
+    (1..=count)
+        .map(|n| format!("${}", offset + n))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

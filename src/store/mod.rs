@@ -19,7 +19,7 @@ use sqlx::{
 };
 
 pub use events::{NewEvent, StoredEvent};
-pub use sessions::Totals;
+pub use sessions::{SessionRecord, Tallies, Totals};
 
 use crate::config::DatabaseUrl;
 
@@ -82,6 +82,16 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`), so that it waits its turn (the busy timeout) instead of failing
+    /// with "database is locked" when a read inside it meets another writer.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+        }
     }
 
     pub fn backend(&self) -> Backend {

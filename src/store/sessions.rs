@@ -3,7 +3,69 @@
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
 use super::{CHUNK_PARAMS, Store, values_list};
-use crate::hub::{SessionRecord, Tallies};
+
+/// A stream's session as it is saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub client_id: String,
+    pub instance_id: String,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    /// JSON object of string values.
+    pub metadata: String,
+    pub connected_at: i64,
+    pub disconnected_at: Option<i64>,
+    pub last_event_at: Option<i64>,
+    pub events_sent: i64,
+}
+
+impl SessionRecord {
+    /// How long a closed session lasted, in ms.
+    pub fn duration_ms(&self) -> i64 {
+        self.disconnected_at
+            .map_or(0, |end| end - self.connected_at)
+    }
+}
+
+/// What one flush saves besides sessions: counts since the last flush, sessions that
+/// ended, and settled pending events.
+#[derive(Debug, Default)]
+pub struct Tallies {
+    pub events_sent: u64,
+    pub last_event_at: Option<i64>,
+    pub connections: u64,
+    pub closed: Vec<SessionRecord>,
+    /// Sessions that ended but whose rows could not be kept in memory (a long outage):
+    /// only their number and summed length are saved.
+    pub closed_unrecorded: u64,
+    pub closed_unrecorded_ms: i64,
+    /// (user, event id) pairs whose pending row can go.
+    pub settled: Vec<(String, i64)>,
+}
+
+impl Tallies {
+    pub fn is_empty(&self) -> bool {
+        self.events_sent == 0
+            && self.connections == 0
+            && self.closed.is_empty()
+            && self.closed_unrecorded == 0
+            && self.settled.is_empty()
+    }
+
+    /// Sessions that ended, recorded or not.
+    pub fn closed_count(&self) -> i64 {
+        (self.closed.len() as u64 + self.closed_unrecorded) as i64
+    }
+
+    /// Summed durations of the ended sessions, in ms.
+    pub fn closed_duration_ms(&self) -> i64 {
+        self.closed
+            .iter()
+            .map(SessionRecord::duration_ms)
+            .sum::<i64>()
+            + self.closed_unrecorded_ms
+    }
+}
 
 /// The saved totals behind `/api/sse/stats`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,7 +143,7 @@ impl Store {
         now: i64,
         tallies: &Tallies,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "insert into instance (instance_id, started_at, heartbeat_at) values ($1, $2, $3) \
              on conflict (instance_id) do update set heartbeat_at = excluded.heartbeat_at",
@@ -104,7 +166,7 @@ impl Store {
             )
             .bind(tallies.events_sent as i64)
             .bind(tallies.connections as i64)
-            .bind(tallies.closed.len() as i64)
+            .bind(tallies.closed_count())
             .bind(tallies.closed_duration_ms())
             .bind(tallies.last_event_at.unwrap_or(0))
             .execute(&mut *tx)
@@ -136,7 +198,7 @@ impl Store {
                            coalesce(last_event_at, connected_at))";
         const ORPHANED: &str = "disconnected_at is null and instance_id not in \
                                 (select instance_id from instance where heartbeat_at > $1)";
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let (closed, duration_ms): (i64, i64) = sqlx::query_as(&format!(
             "select count(*), cast(coalesce(sum({END} - connected_at), 0) as bigint) \
              from client_session where {ORPHANED}"
@@ -170,7 +232,7 @@ impl Store {
 
     /// Forgets an instance that stopped cleanly, after its last flush.
     pub async fn remove_instance(&self, instance_id: &str, now: i64) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("update client_session set disconnected_at = $2 where instance_id = $1 and disconnected_at is null")
             .bind(instance_id)
             .bind(now)
@@ -181,6 +243,40 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await
+    }
+
+    /// Closes this instance's open session rows whose streams are no longer open (`open`
+    /// holds the client ids that are): after a long outage the in-memory record of some
+    /// ended sessions may have been dropped. Returns how many rows were closed.
+    pub async fn close_sessions_except(
+        &self,
+        instance_id: &str,
+        open: &std::collections::HashSet<String>,
+        now: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let saved_open: Vec<String> = sqlx::query_scalar(
+            "select client_id from client_session where instance_id = $1 and disconnected_at is null",
+        )
+        .bind(instance_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let gone: Vec<&String> = saved_open.iter().filter(|id| !open.contains(*id)).collect();
+        let mut closed = 0;
+        for chunk in gone.chunks(CHUNK_PARAMS) {
+            let sql = format!(
+                "update client_session set disconnected_at = $1 where disconnected_at is null and client_id in ({})",
+                (0..chunk.len())
+                    .map(|n| format!("${}", n + 2))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut query = sqlx::query(&sql).bind(now);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            closed += query.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(closed)
     }
 
     /// Open sessions of live instances other than `instance_id`.

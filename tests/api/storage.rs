@@ -2,8 +2,7 @@
 
 use nomey_sse::{
     event::now_millis,
-    hub::{SessionRecord, Tallies},
-    store::{NewEvent, Store},
+    store::{NewEvent, SessionRecord, Store, Tallies},
 };
 
 use crate::on_both_backends;
@@ -13,6 +12,7 @@ fn event(data: &str, filter: Option<&str>, candidates: &[&str]) -> NewEvent {
         kind: "n".into(),
         data: data.into(),
         filter: filter.map(String::from),
+        audience: "x".into(),
         pending_candidates: candidates.iter().map(|u| u.to_string()).collect(),
         created_at: now_millis(),
     }

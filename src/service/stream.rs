@@ -12,12 +12,12 @@ use bytes::Bytes;
 use futures_util::{Stream, future::FutureExt};
 use tokio::time::{Instant, Sleep};
 
-use super::{Registration, SessionRecord};
-use crate::event::now_millis;
+use super::{EventService, session_record};
+use crate::{event::now_millis, hub::Registration};
 
 /// A stored event read back for a stream that is catching up.
 #[derive(Debug)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub id: i64,
     pub frame: Bytes,
     /// The event names this stream's user, so handing it over settles a pending row.
@@ -26,15 +26,16 @@ pub struct Replayed {
 
 /// Stored events a stream catches up on before live ones; an error ends the stream, and
 /// the client resumes from the last id it got.
-pub type HistoryStream = Pin<Box<dyn Stream<Item = Result<Replayed, ()>> + Send>>;
+pub(crate) type HistoryStream = Pin<Box<dyn Stream<Item = Result<Replayed, ()>> + Send>>;
 
-/// One open stream. Ends when its deadline passes, when the hub drops its queue (shutdown,
+/// One open stream. Ends when its deadline passes, when the hub lets it go (shutdown,
 /// too slow, stale) or when its history cannot be read; dropping it unregisters the client
 /// and records the session's end.
 pub struct ClientStream {
     opening: VecDeque<Bytes>,
     history: Option<HistoryStream>,
     registration: Registration,
+    service: EventService,
     deadline: Option<Pin<Box<Sleep>>>,
     /// The client's `Last-Event-ID`: live events up to it are not sent again. (Only an
     /// instance that has not yet dispatched what the client saw elsewhere queues such.)
@@ -42,15 +43,15 @@ pub struct ClientStream {
 }
 
 impl ClientStream {
-    pub fn new(
+    pub(super) fn new(
+        service: EventService,
         registration: Registration,
         opening: Vec<Bytes>,
         history: Option<HistoryStream>,
         max_duration: Option<Duration>,
         seen_through: Option<i64>,
     ) -> Self {
-        let hub = &registration.hub;
-        hub.ledger().opened();
+        service.inner.ledger.opened();
         let info = &registration.client.info;
         tracing::info!(
             client_id = %info.client_id,
@@ -64,27 +65,18 @@ impl ClientStream {
             history,
             deadline: max_duration.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d))),
             registration,
+            service,
             seen_through: seen_through.unwrap_or(0),
         }
     }
 
-    fn settle(&self, id: i64) {
-        if let Some(user) = &self.registration.client.info.user_id {
-            self.registration.hub.ledger().settled(user.clone(), id);
-        }
-    }
-
-    fn wrote_stored(&self, id: i64, len: usize, from_queue: bool, settles_pending: bool) {
-        let now = now_millis();
-        let hub = &self.registration.hub;
-        self.registration.client.wrote(len, id > 0, now, from_queue);
-        hub.metrics()
-            .frames_written
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn wrote(&self, id: i64, len: usize, from_queue: bool, settles_pending: bool) {
+        self.registration.wrote(len, id > 0, from_queue);
         if id > 0 {
-            hub.ledger().wrote_event(now);
-            if settles_pending {
-                self.settle(id);
+            let ledger = &self.service.inner.ledger;
+            ledger.wrote_event(now_millis());
+            if let (true, Some(user)) = (settles_pending, &self.registration.client.info.user_id) {
+                ledger.settled(user, id);
             }
         }
     }
@@ -105,7 +97,7 @@ impl Stream for ClientStream {
         if let Some(history) = &mut self.history {
             match ready!(history.as_mut().poll_next(cx)) {
                 Some(Ok(event)) => {
-                    self.wrote_stored(event.id, event.frame.len(), false, event.settles_pending);
+                    self.wrote(event.id, event.frame.len(), false, event.settles_pending);
                     return Poll::Ready(Some(Ok(event.frame)));
                 }
                 Some(Err(())) => return Poll::Ready(None),
@@ -113,12 +105,12 @@ impl Stream for ClientStream {
             }
         }
         loop {
-            match ready!(self.registration.rx.poll_recv(cx)) {
+            match ready!(self.registration.poll_frame(cx)) {
                 Some(frame) if frame.id > 0 && frame.id <= self.seen_through => {
-                    self.registration.client.skipped(frame.bytes.len());
+                    self.registration.skipped(frame.bytes.len());
                 }
                 Some(frame) => {
-                    self.wrote_stored(frame.id, frame.bytes.len(), true, frame.settles_pending);
+                    self.wrote(frame.id, frame.bytes.len(), true, frame.settles_pending);
                     return Poll::Ready(Some(Ok(frame.bytes)));
                 }
                 None => return Poll::Ready(None),
@@ -129,16 +121,19 @@ impl Stream for ClientStream {
 
 impl Drop for ClientStream {
     fn drop(&mut self) {
-        let client = &self.registration.client;
-        let hub = &self.registration.hub;
-        let session = SessionRecord::new(client, hub.instance_id(), Some(now_millis()));
+        let registration = &self.registration;
+        let session = session_record(
+            &registration.client,
+            registration.instance_id(),
+            Some(now_millis()),
+        );
         tracing::info!(
-            client_id = %client.info.client_id,
-            user_id = client.info.user_id.as_deref(),
+            client_id = %session.client_id,
+            user_id = session.user_id.as_deref(),
             duration_ms = session.duration_ms(),
             events_sent = session.events_sent,
             "stream closed"
         );
-        hub.ledger().closed(session);
+        self.service.inner.ledger.closed(session);
     }
 }

@@ -59,6 +59,14 @@ impl TestDb {
         }
     }
 
+    /// A raw connection, for tests that write what the service never would.
+    pub async fn connect(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
     pub async fn store(&self) -> Store {
         Store::connect(&nomey_sse::config::DatabaseUrl::parse(&self.url).unwrap())
             .await
@@ -158,7 +166,12 @@ pub async fn spawn_app(db: &TestDb) -> TestApp {
 }
 
 pub async fn spawn_app_with(db: &TestDb, vars: &[(&str, &str)]) -> TestApp {
-    let config = test_config(&db.url, vars);
+    spawn_app_at(&db.url, vars).await
+}
+
+/// The app on a database given by URL (another role's, say).
+pub async fn spawn_app_at(db_url: &str, vars: &[(&str, &str)]) -> TestApp {
+    let config = test_config(db_url, vars);
     let store = Store::connect(&config.database)
         .await
         .expect("open the test database");

@@ -3,6 +3,7 @@
 
 mod delivery;
 mod helpers;
+mod history;
 mod monitoring;
 mod process;
 mod publishing;

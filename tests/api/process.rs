@@ -403,3 +403,63 @@ async fn out_of_file_descriptors_new_streams_get_503_and_the_rest_keeps_working(
     let published = server.notify("u0", json!("still publishing")).await;
     assert_eq!(published["delivered"], 1);
 }
+
+#[tokio::test]
+async fn fresh_sqlite_starts_under_publish_load_log_no_locked_database_and_no_colour_codes() {
+    for _ in 0..4 {
+        let db = TestDb::sqlite().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Text logs to a pipe; retention every 200 ms, so it meets the publisher often.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nomey-sse"))
+            .env_clear()
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", &db.url)
+            .env("HISTORY_RETENTION_MS", "2000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let logs = tokio::spawn(async move {
+            let mut text = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text)
+                .await
+                .unwrap();
+            text
+        });
+        let http = reqwest::Client::new();
+        let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+        eventually("the server answers", || async {
+            http.get(url("/healthz")).send().await.is_ok()
+        })
+        .await;
+
+        let publishes = (0..300).map(|n| {
+            let body = json!({ "filter": { "userId": format!("u{}", n % 7) }, "event": "n", "data": n });
+            let request = http.post(url("/api/sse/notify")).json(&body).send();
+            async move { request.await.unwrap().status() }
+        });
+        let statuses = futures_util::future::join_all(publishes).await;
+        assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED), "{statuses:?}");
+
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::timeout(PATIENCE, child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        let logs = logs.await.unwrap();
+        assert!(logs.contains("nomey-sse listening"), "{logs}");
+        assert!(!logs.contains("locked"), "{logs}");
+        assert!(!logs.contains('\u{1b}'), "colour codes in a pipe");
+    }
+}

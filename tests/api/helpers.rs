@@ -21,8 +21,7 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The Postgres server tests create their databases on.
 pub fn postgres_admin_url() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    crate::postgres::admin_url()
 }
 
 /// A fresh database for one test, removed when dropped.
@@ -47,7 +46,7 @@ impl TestDb {
         let admin = postgres_admin_url();
         let mut conn = PgConnection::connect(&admin)
             .await
-            .expect("Postgres must run for the tests (see README)");
+            .expect("connect to the tests' Postgres server");
         conn.execute(format!(r#"create database "{name}""#).as_str())
             .await
             .expect("create the test database");

@@ -5,6 +5,7 @@ mod delivery;
 mod helpers;
 mod history;
 mod monitoring;
+mod postgres;
 mod process;
 mod publishing;
 mod storage;

@@ -441,12 +441,16 @@ async fn fresh_sqlite_starts_under_publish_load_log_no_locked_database_and_no_co
         .await;
 
         let publishes = (0..300).map(|n| {
-            let body = json!({ "filter": { "userId": format!("u{}", n % 7) }, "event": "n", "data": n });
+            let body =
+                json!({ "filter": { "userId": format!("u{}", n % 7) }, "event": "n", "data": n });
             let request = http.post(url("/api/sse/notify")).json(&body).send();
             async move { request.await.unwrap().status() }
         });
         let statuses = futures_util::future::join_all(publishes).await;
-        assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED), "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::ACCEPTED),
+            "{statuses:?}"
+        );
 
         let pid = child.id().unwrap().to_string();
         std::process::Command::new("kill")

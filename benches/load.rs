@@ -8,6 +8,9 @@
 //! `streams` opens idle streams over raw TCP (so the client costs little), reports the
 //! server's resident memory per stream, then times broadcasts until every stream has them.
 //! `publish` sends user-targeted events from many tasks and reports rate and latency.
+//! `churn` keeps opening and closing streams while broadcasting, then watches the server's
+//! memory while it idles. `replay` fills the log with other users' events and times one
+//! user's replay (and the log rows it read, from `/metrics`).
 
 use std::{
     collections::HashMap,
@@ -65,8 +68,32 @@ async fn main() -> Result<(), Error> {
             )
             .await
         }
+        "churn" => {
+            let pid = flags
+                .get("pid")
+                .ok_or("--pid <server pid> is required")?
+                .parse()?;
+            churn(
+                &url,
+                pid,
+                number("streams", 200)?,
+                number("connections", 100_000)?,
+                number("idle", 60)?,
+            )
+            .await
+        }
+        "replay" => {
+            replay(
+                &url,
+                number("events", 100_000)?,
+                number("users", 10_000)?,
+                number("target", 100)?,
+            )
+            .await
+        }
         _ => Err(
-            "usage: load (streams --pid PID [--streams N] | publish [--requests N]) [--url URL]"
+            "usage: load (streams --pid PID [--streams N] | publish [--requests N] | churn --pid PID \
+             | replay [--events N]) [--url URL]"
                 .into(),
         ),
     }
@@ -244,6 +271,176 @@ async fn publish(
         ms(latencies[total / 2]),
         ms(latencies[total * 99 / 100])
     );
+    Ok(())
+}
+
+/// Opens a stream, reads until `connected`, closes it.
+async fn open_and_close(addr: &str, user: usize) -> Result<(), Error> {
+    let mut socket = TcpStream::connect(addr).await?;
+    let request = format!("GET /api/sse?userId=c{user} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    socket.write_all(request.as_bytes()).await?;
+    let mut buf = vec![0u8; 4096];
+    let mut text = Vec::new();
+    while !String::from_utf8_lossy(&text).contains("event: connected") {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            return Err("closed before connected".into());
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
+async fn churn(
+    url: &str,
+    pid: u32,
+    streams: usize,
+    connections: usize,
+    idle_secs: usize,
+) -> Result<(), Error> {
+    let start = resident_kib(pid)?;
+    let addr = host_port(url);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (url, done) = (url.to_owned(), done.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut sent = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = serde_json::json!({ "event": "churn", "data": { "n": sent } });
+                let _ = http
+                    .post(format!("{url}/api/sse/broadcast"))
+                    .json(&body)
+                    .send()
+                    .await;
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    let started = Instant::now();
+    let per_task = connections / streams;
+    let mut peak = start;
+    let tasks: Vec<_> = (0..streams)
+        .map(|task| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for n in 0..per_task {
+                    if open_and_close(&addr, (n * streams + task) % 1000)
+                        .await
+                        .is_err()
+                    {
+                        failed += 1;
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for task in tasks {
+        while !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            peak = peak.max(resident_kib(pid)?);
+        }
+        failed += task.await?;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published = publisher.await?;
+    let secs = started.elapsed().as_secs_f64();
+    let total = per_task * streams;
+    println!(
+        "churn: {total} connections ({failed} failed) by {streams} clients in {secs:.1} s ({:.0}/s), {published} broadcasts",
+        total as f64 / secs
+    );
+    println!("server RSS: {start} KiB at start, {peak} KiB at the peak");
+    for waited in (10..=idle_secs).step_by(10) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        println!("  idle {waited} s: {} KiB", resident_kib(pid)?);
+    }
+    Ok(())
+}
+
+async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Result<Option<u64>, Error> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok()))
+}
+
+async fn replay(url: &str, events: usize, users: usize, target: usize) -> Result<(), Error> {
+    let http = reqwest::Client::new();
+    let every = events / target;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let (http, url) = (http.clone(), url.to_owned());
+            tokio::spawn(async move {
+                for n in (task..events).step_by(64) {
+                    // One event in `every` is the target user's, the rest other users'.
+                    let user = if n % every == 0 {
+                        "target".to_owned()
+                    } else {
+                        format!("u{}", n % users)
+                    };
+                    let body = serde_json::json!({
+                        "filter": { "userId": user }, "event": "n", "data": { "n": n },
+                    });
+                    let response = http
+                        .post(format!("{url}/api/sse/notify"))
+                        .json(&body)
+                        .send()
+                        .await?;
+                    if response.status() != reqwest::StatusCode::ACCEPTED {
+                        return Err::<(), Error>(
+                            format!("publish refused: {}", response.status()).into(),
+                        );
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    println!(
+        "replay: stored {events} events ({target} for the target user, the rest for {users} others) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let rows_metric = "nomey_sse_history_rows_read_total";
+    for round in 0..3 {
+        let rows_before = metric(&http, url, rows_metric).await?;
+        let sent = Instant::now();
+        let mut response = http
+            .get(format!("{url}/api/sse?userId=target&lastEventId=0"))
+            .send()
+            .await?;
+        let mut seen = 0;
+        let mut text = String::new();
+        while seen < target {
+            let chunk = response.chunk().await?.ok_or("the stream ended")?;
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            seen = text.matches("\nid: ").count() + usize::from(text.starts_with("id: "));
+        }
+        let took = sent.elapsed();
+        drop(response);
+        let rows = match (rows_before, metric(&http, url, rows_metric).await?) {
+            (Some(before), Some(after)) => format!("{} log rows read", after - before),
+            _ => "rows read not reported by this server".to_owned(),
+        };
+        println!(
+            "replay {round}: {target} events in {:.1} ms; {rows}",
+            ms(took)
+        );
+    }
     Ok(())
 }
 

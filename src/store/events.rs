@@ -2,7 +2,7 @@
 
 use sqlx::{Row, any::AnyRow};
 
-use super::{CHUNK_PARAMS, Store, values_list};
+use super::{CHUNK_PARAMS, Store, cacheable, values_list};
 
 /// An event to append.
 #[derive(Clone, Debug)]
@@ -93,6 +93,7 @@ impl Store {
                     .join(", ")
             );
             let mut query = sqlx::query_scalar::<_, String>(&sql)
+                .persistent(cacheable(chunk.len()))
                 .bind(instance_id)
                 .bind(alive_since);
             for user in chunk {
@@ -116,7 +117,7 @@ impl Store {
                 "insert into event ({EVENT_COLUMNS}, audience) values {}",
                 values_list(chunk.len(), 6, 0)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
             for (i, event) in chunk.iter().enumerate() {
                 let id = first_id + (n * CHUNK_PARAMS / 6 + i) as i64;
                 query = query
@@ -140,7 +141,7 @@ impl Store {
                 "insert into pending (user_id, event_id) values {}",
                 values_list(chunk.len(), 2, 0)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
             for (user, id) in chunk {
                 query = query.bind(*user).bind(*id);
             }

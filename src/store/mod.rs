@@ -136,6 +136,14 @@ fn values_list(rows: usize, columns: usize, offset: usize) -> String {
     sql
 }
 
+/// Whether a statement built for `rows` rows should stay prepared in the connection's
+/// cache. Each row count is a different statement, and a prepared statement of hundreds
+/// of rows holds tens of KB on SQLite: caching every size kept tens of MB that churn
+/// never gave back. The small sizes are the common ones.
+fn cacheable(rows: usize) -> bool {
+    rows <= 8
+}
+
 /// Rows per multi-row statement, well under both backends' parameter limits.
 const CHUNK_PARAMS: usize = 8000;
 

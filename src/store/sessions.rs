@@ -2,7 +2,7 @@
 
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
-use super::{CHUNK_PARAMS, Store, values_list};
+use super::{CHUNK_PARAMS, Store, cacheable, values_list};
 
 /// A stream's session as it is saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ async fn upsert_sessions(
          events_sent = excluded.events_sent",
         values_list(rows.len(), 9, 0)
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = sqlx::query(&sql).persistent(cacheable(rows.len()));
     for s in rows {
         query = query
             .bind(&s.client_id)
@@ -178,7 +178,7 @@ impl Store {
                 "delete from pending where (user_id, event_id) in (values {})",
                 values_list(chunk.len(), 2, 0)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
             for (user, id) in chunk {
                 query = query.bind(user).bind(*id);
             }
@@ -270,7 +270,7 @@ impl Store {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let mut query = sqlx::query(&sql).bind(now);
+            let mut query = sqlx::query(&sql).persistent(false).bind(now);
             for id in chunk {
                 query = query.bind(*id);
             }

@@ -93,7 +93,7 @@ impl Store {
                     .join(", ")
             );
             let mut query = sqlx::query_scalar::<_, String>(&sql)
-                .persistent(cacheable(chunk.len()))
+                .persistent(cacheable(chunk.len(), 1))
                 .bind(instance_id)
                 .bind(alive_since);
             for user in chunk {
@@ -117,7 +117,7 @@ impl Store {
                 "insert into event ({EVENT_COLUMNS}, audience) values {}",
                 values_list(chunk.len(), 6, 0)
             );
-            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 6));
             for (i, event) in chunk.iter().enumerate() {
                 let id = first_id + (n * CHUNK_PARAMS / 6 + i) as i64;
                 query = query
@@ -141,7 +141,7 @@ impl Store {
                 "insert into pending (user_id, event_id) values {}",
                 values_list(chunk.len(), 2, 0)
             );
-            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 2));
             for (user, id) in chunk {
                 query = query.bind(*user).bind(*id);
             }

@@ -136,12 +136,13 @@ fn values_list(rows: usize, columns: usize, offset: usize) -> String {
     sql
 }
 
-/// Whether a statement built for `rows` rows should stay prepared in the connection's
-/// cache. Each row count is a different statement, and a prepared statement of hundreds
+/// Whether a statement built for `rows` rows of `columns` values should stay prepared in
+/// the connection's cache. Each row count is a different statement, and one of hundreds
 /// of rows holds tens of KB on SQLite: caching every size kept tens of MB that churn
-/// never gave back. The small sizes are the common ones.
-fn cacheable(rows: usize) -> bool {
-    rows <= 8
+/// never gave back. Group commit's usual batches stay under the bound, so publishing
+/// does not pay a prepare per batch.
+fn cacheable(rows: usize, columns: usize) -> bool {
+    rows * columns <= 512
 }
 
 /// Rows per multi-row statement, well under both backends' parameter limits.

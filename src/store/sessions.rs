@@ -93,7 +93,7 @@ async fn upsert_sessions(
          events_sent = excluded.events_sent",
         values_list(rows.len(), 9, 0)
     );
-    let mut query = sqlx::query(&sql).persistent(cacheable(rows.len()));
+    let mut query = sqlx::query(&sql).persistent(cacheable(rows.len(), 9));
     for s in rows {
         query = query
             .bind(&s.client_id)
@@ -178,7 +178,7 @@ impl Store {
                 "delete from pending where (user_id, event_id) in (values {})",
                 values_list(chunk.len(), 2, 0)
             );
-            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
+            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 2));
             for (user, id) in chunk {
                 query = query.bind(user).bind(*id);
             }

@@ -194,10 +194,11 @@ impl Hub {
             return Err(RegisterError::Full);
         }
         let max_per_user = self.inner.max_per_user;
-        if let Some(user) = &client.info.user_id {
-            if max_per_user > 0 && reg.streams_of(user) >= max_per_user {
-                return Err(RegisterError::UserFull);
-            }
+        if let Some(user) = &client.info.user_id
+            && max_per_user > 0
+            && reg.streams_of(user) >= max_per_user
+        {
+            return Err(RegisterError::UserFull);
         }
         reg.insert(Slot {
             client: client.clone(),

@@ -54,11 +54,11 @@ pub(super) async fn open(
     if after >= cursor {
         return Ok((None, history_gap));
     }
-    if let Source::Log(audiences) = &source {
-        if let Some(start) = bounded_start(service, &client, audiences, after, cursor).await? {
-            after = start;
-            history_gap = true;
-        }
+    if let Source::Log(audiences) = &source
+        && let Some(start) = bounded_start(service, &client, audiences, after, cursor).await?
+    {
+        after = start;
+        history_gap = true;
     }
     let mut pager = Pager {
         service: service.clone(),

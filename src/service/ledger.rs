@@ -95,7 +95,11 @@ impl Ledger {
         rest.closed_unrecorded += 1;
         rest.closed_unrecorded_ms += session.duration_ms();
         rest.lost_rows = true;
-        if self.dropped_sessions.fetch_add(1, Relaxed) % 10_000 == 0 {
+        if self
+            .dropped_sessions
+            .fetch_add(1, Relaxed)
+            .is_multiple_of(10_000)
+        {
             tracing::warn!(
                 kept = rest.closed.len(),
                 "the database is away and ended sessions pile up; keeping only their count from now on"
@@ -110,7 +114,11 @@ impl Ledger {
             if let Some(taken) = rest.taken_pending.get_mut(user) {
                 taken.remove(&event_id);
             }
-            if self.dropped_settlements.fetch_add(1, Relaxed) % 10_000 == 0 {
+            if self
+                .dropped_settlements
+                .fetch_add(1, Relaxed)
+                .is_multiple_of(10_000)
+            {
                 tracing::warn!(
                     kept = rest.settled.len(),
                     "the database is away and settled pending events pile up; dropping some, which may be delivered again"

@@ -86,10 +86,10 @@ impl Stream for ClientStream {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(deadline) = &mut self.deadline {
-            if deadline.poll_unpin(cx).is_ready() {
-                return Poll::Ready(None);
-            }
+        if let Some(deadline) = &mut self.deadline
+            && deadline.poll_unpin(cx).is_ready()
+        {
+            return Poll::Ready(None);
         }
         if let Some(frame) = self.opening.pop_front() {
             return Poll::Ready(Some(Ok(frame)));

@@ -96,7 +96,7 @@ pub(super) async fn flush_loop(service: EventService) {
             () = shutdown.cancelled() => return,
         }
         count += 1;
-        match flush(&service, count % REAP_EVERY == 0).await {
+        match flush(&service, count.is_multiple_of(REAP_EVERY)).await {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("saving counts and sessions works again");
@@ -109,7 +109,7 @@ pub(super) async fn flush_loop(service: EventService) {
             }
             Err(_) => {}
         }
-        if count % REAP_EVERY == 0 {
+        if count.is_multiple_of(REAP_EVERY) {
             // Streams came and went since the last look: give their memory back.
             let connections = service.inner.ledger.connections();
             if connections != churned_through {

@@ -52,10 +52,9 @@ fn own_cluster() -> u16 {
     if let Some(port) = std::fs::read_to_string(&port_file)
         .ok()
         .and_then(|p| p.trim().parse().ok())
+        && answers(port)
     {
-        if answers(port) {
-            return port;
-        }
+        return port;
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the cluster's directory");

@@ -8,3 +8,4 @@ mod process;
 mod publishing;
 mod storage;
 mod streams;
+mod web;

@@ -109,7 +109,7 @@ export function connect(options = {}) {
   function open() {
     clearTimers();
     if (closed) return;
-    setStatus(attempt === 0 ? { state: 'connecting', attempt: 0 } : { state: 'connecting', attempt });
+    setStatus({ state: 'connecting', attempt });
     const es = new EventSourceImpl(streamUrl(), { withCredentials: !!opts.withCredentials });
     source = es;
     attached.clear();
@@ -276,7 +276,7 @@ export function describeStatus(status) {
     case 'connected':
       return 'Connected';
     case 'connecting':
-      return status.attempt > 0 ? `Connecting (attempt ${status.attempt})` : 'Connecting…';
+      return status.attempt > 0 ? `Reconnecting… (attempt ${status.attempt})` : 'Connecting…';
     case 'reconnecting':
       return `Reconnecting in ${Math.max(1, Math.round(status.delayMs / 1000))}s (attempt ${status.attempt})`;
     case 'closed':

@@ -15,7 +15,10 @@ async fn home_client_script_and_root_redirect_are_served_without_the_publish_key
 
     let home = http.get(app.url("/home")).send().await.unwrap();
     assert_eq!(home.status(), StatusCode::OK);
-    assert_eq!(home.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    assert_eq!(
+        home.headers()[header::CONTENT_TYPE],
+        "text/html; charset=utf-8"
+    );
     let html = home.text().await.unwrap();
     assert!(html.contains("/sse-client.js"), "the page loads the client");
 
@@ -25,7 +28,13 @@ async fn home_client_script_and_root_redirect_are_served_without_the_publish_key
         script.headers()[header::CONTENT_TYPE],
         "text/javascript; charset=utf-8"
     );
-    assert!(script.text().await.unwrap().contains("export function connect"));
+    assert!(
+        script
+            .text()
+            .await
+            .unwrap()
+            .contains("export function connect")
+    );
 
     let root = http.get(app.url("/")).send().await.unwrap();
     assert_eq!(root.status(), StatusCode::SEE_OTHER);

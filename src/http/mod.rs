@@ -4,6 +4,7 @@ mod error;
 mod monitor;
 mod publish;
 mod stream;
+mod web;
 
 use std::sync::Arc;
 
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
     let mut app = stream::router()
         .merge(protected)
         .merge(monitor::router())
+        .merge(web::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())

@@ -10,3 +10,4 @@ mod process;
 mod publishing;
 mod storage;
 mod streams;
+mod web;

@@ -2,7 +2,7 @@
 //!
 //! Every event is encoded to its SSE bytes once, and the same `Bytes` are shared by every
 //! stream that receives it: axum's `sse::Event` builds a buffer per subscriber, which
-//! costs about 15 % of broadcast throughput (see PERFORMANCE.md).
+//! costs about 15 % of broadcast throughput (measured on a minimal hyper server).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

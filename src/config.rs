@@ -37,6 +37,8 @@ pub struct Config {
     pub publish_key: Option<Secret>,
     /// Origins allowed to call from a browser (`CORS_ORIGINS`).
     pub cors_origins: Vec<String>,
+    /// How long a request's headers and body may take to arrive (`REQUEST_TIMEOUT_MS`).
+    pub request_timeout: Duration,
 }
 
 /// A secret that never shows in `Debug` output, so logging the config is safe.
@@ -44,6 +46,10 @@ pub struct Config {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -114,7 +120,9 @@ impl Config {
         let client_timeout = env.millis("CLIENT_TIMEOUT_MS", 90_000)?;
         let retry = env.millis("RETRY_MS", 3_000)?;
         let history_retention = env.millis("HISTORY_RETENTION_MS", 86_400_000)?;
+        let request_timeout = env.millis("REQUEST_TIMEOUT_MS", 30_000)?;
         for (name, value) in [
+            ("REQUEST_TIMEOUT_MS", request_timeout),
             ("PING_INTERVAL_MS", ping_interval),
             ("CLIENT_TIMEOUT_MS", client_timeout),
             ("HISTORY_RETENTION_MS", history_retention),
@@ -146,10 +154,10 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
-        if cors_origins
-            .iter()
-            .any(|o| axum::http::HeaderValue::from_str(o).is_err() || o.contains(' '))
-        {
+        // `*` cannot go with credentials; each origin must be named.
+        if cors_origins.iter().any(|o| {
+            axum::http::HeaderValue::from_str(o).is_err() || o.contains(' ') || o.contains('*')
+        }) {
             return Err(env.error(
                 "CORS_ORIGINS",
                 "expected comma-separated origins such as https://app.example",
@@ -171,6 +179,7 @@ impl Config {
             jwt_secret: env.secret("SSE_JWT_SECRET"),
             publish_key: env.secret("SSE_PUBLISH_KEY"),
             cors_origins,
+            request_timeout,
         })
     }
 }
@@ -258,6 +267,8 @@ mod tests {
         assert!(err.to_string().contains("DATABASE_URL"));
         let err = config(&[("MAX_CLIENTS", "-1")]).unwrap_err();
         assert_eq!(err.name, "MAX_CLIENTS");
+        let err = config(&[("CORS_ORIGINS", "*")]).unwrap_err();
+        assert_eq!(err.name, "CORS_ORIGINS");
     }
 
     #[test]

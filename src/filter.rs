@@ -36,7 +36,11 @@ impl ClientInfo {
 /// This is both the `filter` object of `POST /api/sse/notify` and what the event log
 /// stores, so replay applies exactly the rule live delivery applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(
+    rename_all = "camelCase",
+    deny_unknown_fields,
+    try_from = "FilterObject"
+)]
 pub struct Filter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
@@ -50,8 +54,67 @@ pub struct Filter {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// A filter as JSON: only an object. (serde would also take an array for a struct, field
+/// by field, so `["u1"]` would become a `userId` filter.)
+#[derive(Deserialize)]
+struct FilterObject(serde_json::Map<String, serde_json::Value>);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilterFields {
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    client_ids: Option<Vec<Uuid>>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+impl TryFrom<FilterObject> for Filter {
+    type Error = serde_json::Error;
+
+    fn try_from(FilterObject(object): FilterObject) -> Result<Self, Self::Error> {
+        let f: FilterFields = serde_json::from_value(serde_json::Value::Object(object))?;
+        Ok(Self {
+            user_id: f.user_id,
+            user_ids: f.user_ids,
+            session_id: f.session_id,
+            client_ids: f.client_ids,
+            metadata: f.metadata,
+        })
+    }
+}
+
 /// Most users one filter may name, and most client ids: a bound on the work of one publish.
 pub const MAX_FILTER_IDS: usize = 1000;
+/// Longest user id, session id or metadata value, in bytes (UTF-8).
+pub const MAX_VALUE_BYTES: usize = 256;
+/// Longest metadata key, in bytes.
+pub const MAX_KEY_BYTES: usize = 64;
+/// Most metadata pairs a stream may carry.
+pub const MAX_METADATA_PAIRS: usize = 16;
+
+/// A user id, session id or metadata value: 1 to 256 bytes. The same rule holds for
+/// streams and for filters, so no event waits for a user who could never connect.
+pub fn check_id(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_VALUE_BYTES {
+        return Err(format!("1 to {MAX_VALUE_BYTES} bytes"));
+    }
+    Ok(())
+}
+
+/// A metadata key: 1 to 64 characters of `[A-Za-z0-9_.-]`.
+pub fn check_metadata_key(key: &str) -> Result<(), String> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.chars().all(valid) {
+        return Err(format!("1 to {MAX_KEY_BYTES} characters of [A-Za-z0-9_.-]"));
+    }
+    Ok(())
+}
 
 impl Filter {
     pub fn user(user_id: impl Into<String>) -> Self {
@@ -94,6 +157,21 @@ impl Filter {
             return Err(format!(
                 "userIds and clientIds take at most {MAX_FILTER_IDS} entries"
             ));
+        }
+        let ids = self.user_id.iter().chain(self.session_id.iter());
+        for id in ids.chain(self.user_ids.iter().flatten()) {
+            check_id(id).map_err(|rule| format!("filter ids: {rule}"))?;
+        }
+        if let Some(metadata) = &self.metadata {
+            if metadata.len() > MAX_METADATA_PAIRS {
+                return Err(format!(
+                    "filter metadata: at most {MAX_METADATA_PAIRS} pairs"
+                ));
+            }
+            for (key, value) in metadata {
+                check_metadata_key(key).map_err(|rule| format!("filter metadata key: {rule}"))?;
+                check_id(value).map_err(|rule| format!("filter metadata value: {rule}"))?;
+            }
         }
         Ok(())
     }
@@ -212,6 +290,11 @@ mod tests {
         assert!(serde_json::from_str::<Filter>(r#"{"user":"u1"}"#).is_err());
         assert!(serde_json::from_str::<Filter>(r#"{"userId":1}"#).is_err());
         assert!(serde_json::from_str::<Filter>(r#"{"clientIds":["not-a-uuid"]}"#).is_err());
+        assert!(serde_json::from_str::<Filter>(r#"["u1"]"#).is_err());
+        assert!(Filter::user("").validate().is_err());
+        assert!(Filter::user("x".repeat(257)).validate().is_err());
+        assert!(Filter::metadata([("bad key", "v")]).validate().is_err());
+        assert!(Filter::metadata([("k", "")]).validate().is_err());
     }
 
     #[test]
@@ -244,5 +327,41 @@ mod tests {
         }
         assert!(keys.contains(&Filter::audience(None)));
         assert!(!keys.contains(&Filter::audience(Some(&Filter::user("u2")))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_json_makes_a_filter_or_an_error_never_a_panic(raw in "[ -~]{0,60}") {
+            let _ = serde_json::from_str::<Filter>(&raw);
+        }
+
+        #[test]
+        fn a_matching_client_holds_the_audience_key_of_any_valid_filter(
+            user in proptest::option::of("[a-c]"),
+            users in proptest::option::of(proptest::collection::vec("[a-c]", 1..3)),
+            session in proptest::option::of("[x-y]"),
+            role in proptest::option::of("[r-s]"),
+            client_user in proptest::option::of("[a-c]"),
+            client_session in proptest::option::of("[x-y]"),
+            client_role in proptest::option::of("[r-s]"),
+        ) {
+            let filter = Filter {
+                user_id: user,
+                user_ids: users,
+                session_id: session,
+                client_ids: None,
+                metadata: role.map(|r| BTreeMap::from([("role".to_owned(), r)])),
+            };
+            let client = ClientInfo {
+                client_id: Uuid::new_v4(),
+                user_id: client_user,
+                session_id: client_session,
+                metadata: client_role.map(|r| BTreeMap::from([("role".to_owned(), r)])).unwrap_or_default(),
+                connected_at: 0,
+            };
+            if filter.validate().is_ok() && filter.matches(&client) {
+                proptest::prop_assert!(client.audiences().contains(&Filter::audience(Some(&filter))));
+            }
+        }
     }
 }

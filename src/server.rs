@@ -79,11 +79,12 @@ pub async fn serve(
     files: FileBudget,
     shutdown: CancellationToken,
     client_timeout: Duration,
+    request_timeout: Duration,
     drain: Duration,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(request_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {

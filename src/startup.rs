@@ -44,16 +44,17 @@ impl Application {
         store: Store,
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
-        if config.jwt_secret.is_some() {
-            // Refuse rather than run open while the operator believes streams are guarded.
-            anyhow::bail!(
-                "SSE_JWT_SECRET is set, but subscriber tokens are not supported by this build yet"
-            );
-        }
-        if config.publish_key.is_none() {
-            tracing::warn!(
-                "SSE_PUBLISH_KEY is not set: anyone can publish and read stats (development mode)"
-            );
+        match (&config.publish_key, &config.jwt_secret) {
+            (None, None) => tracing::warn!(
+                "neither SSE_PUBLISH_KEY nor SSE_JWT_SECRET is set: anyone can publish, read stats and open any user's stream (development mode)"
+            ),
+            (None, Some(_)) => {
+                tracing::warn!("SSE_PUBLISH_KEY is not set: anyone can publish and read stats")
+            }
+            (Some(_), None) => {
+                tracing::warn!("SSE_JWT_SECRET is not set: anyone can open any user's stream")
+            }
+            (Some(_), Some(_)) => {}
         }
         let files = FileBudget::new(raise_open_files_limit());
         let config = Arc::new(config);
@@ -130,6 +131,7 @@ impl Application {
             state.files.clone(),
             state.shutdown.clone(),
             state.config.client_timeout,
+            state.config.request_timeout,
             DRAIN,
         )
         .await;

@@ -1,8 +1,10 @@
 //! The HTTP API (see `docs/reference.md`): thin handlers over `EventService`.
 
+mod auth;
 mod error;
 mod monitor;
 mod publish;
+mod query;
 mod stream;
 mod web;
 
@@ -10,9 +12,8 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{FromRequest, Request, State},
-    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header},
+    extract::{FromRequest, Request},
+    http::{HeaderName, HeaderValue, Method, Uri, header},
     middleware::{self, Next},
     response::Response,
 };
@@ -41,7 +42,7 @@ pub fn router(state: AppState) -> Router {
         .merge(monitor::protected_router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            require_publish_key,
+            auth::require_publish_key,
         ));
     let mut app = stream::router()
         .merge(protected)
@@ -50,7 +51,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
-        .layer(TraceLayer::new_for_http());
+        .layer(middleware::from_fn(require_utf8_query))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span));
     if !state.config.cors_origins.is_empty() {
         app = app.layer(cors(&state.config));
     }
@@ -83,54 +85,68 @@ async fn method_not_allowed() -> Error {
     Error::MethodNotAllowed
 }
 
-/// With `SSE_PUBLISH_KEY` set, publishing and monitoring need `Authorization: Bearer <key>`.
-async fn require_publish_key(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response> {
-    if let Some(key) = &state.config.publish_key {
-        let given = bearer_token(request.headers()).unwrap_or_default();
-        if !constant_time_eq(given.as_bytes(), key.expose().as_bytes()) {
-            return Err(Error::Unauthorized(
-                "a valid Authorization: Bearer <SSE_PUBLISH_KEY> is required",
-            ));
-        }
-    }
+/// Refuses any request whose query does not decode as UTF-8, on every route: even a
+/// parameter a route ignores must not be silently rewritten.
+async fn require_utf8_query(request: Request, next: Next) -> Result<Response> {
+    query::pairs(request.uri().query())?;
     Ok(next.run(request).await)
 }
 
-pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+/// The request span: method, path and the query with any token hidden.
+fn request_span(request: &Request) -> tracing::Span {
+    let query = request.uri().query().map(query::redacted);
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        query,
+    )
 }
 
-/// Compares without an early exit, so timing does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+/// Largest request body taken by the publishing routes (the batch route's 8 MiB).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-/// A JSON body whose rejections are the contract's JSON errors. Any `Content-Type` is
-/// taken: a `curl -d` without `-H` should not fail on a header.
+/// A JSON object body whose rejections are the contract's JSON errors. Any
+/// `Content-Type` is taken: a `curl -d` without `-H` should not fail on a header. The
+/// body must arrive within `REQUEST_TIMEOUT_MS`, and one announced as too large is
+/// refused before a byte of it is read (so `Expect: 100-continue` gets 413, not 100).
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = Bytes::from_request(req, state).await.map_err(|rejection| {
-            match rejection.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => {
-                    Error::PayloadTooLarge("the request body is too large".into())
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let too_large = || Error::PayloadTooLarge("the request body is too large".into());
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
+        let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+        let body = tokio::time::timeout(state.config.request_timeout, read)
+            .await
+            .map_err(|_| Error::RequestTimeout)?
+            .map_err(|error| {
+                let length_limit = std::error::Error::source(&error)
+                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+                if length_limit {
+                    too_large()
+                } else {
+                    Error::bad_request("invalid_body", "the request body could not be read")
                 }
-                _ => Error::bad_request("invalid_body", rejection.body_text()),
-            }
-        })?;
+            })?;
+        // A map first: serde would also take a JSON array for a struct, field by field.
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+            .map_err(|e| {
+                Error::bad_request(
+                    "invalid_body",
+                    format!("the body must be a JSON object: {e}"),
+                )
+            })?;
         // serde's message names the field and what was wrong with it.
-        serde_json::from_slice(&body)
+        T::deserialize(serde_json::Value::Object(object))
             .map(Self)
             .map_err(|e| Error::bad_request("invalid_body", format!("invalid JSON body: {e}")))
     }

@@ -12,7 +12,7 @@ use axum::{
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{AppState, Error, Result};
+use super::{AppState, Error, Result, query};
 use crate::{filter::Filter, service::Stats};
 
 /// Routes that `SSE_PUBLISH_KEY` guards.
@@ -30,65 +30,99 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(get_readiness))
 }
 
+/// Clients per page of `/api/sse/clients` unless `limit` says otherwise, and the most.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
 #[derive(Default)]
 struct ClientQuery {
     user_id: Option<String>,
     session_id: Option<String>,
     /// Comma-separated.
     client_ids: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
 impl ClientQuery {
     /// Unknown parameters are ignored, as on every route but `/api/sse`.
-    fn parse(query: Option<&str>) -> Self {
+    fn parse(raw: Option<&str>) -> Result<Self> {
         let mut out = Self::default();
-        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            let slot = match &*key {
+        for (key, value) in query::pairs(raw)? {
+            let slot = match key.as_str() {
                 "userId" => &mut out.user_id,
                 "sessionId" => &mut out.session_id,
                 "clientIds" => &mut out.client_ids,
+                "limit" => &mut out.limit,
+                "after" => &mut out.after,
                 _ => continue,
             };
-            *slot = Some(value.into_owned());
+            if slot.is_some() {
+                return Err(invalid(&key, "given more than once"));
+            }
+            *slot = Some(value).filter(|v| !v.is_empty());
         }
-        out
+        Ok(out)
     }
 
-    fn into_filter(self) -> Result<Option<Filter>> {
-        let client_ids = match self
-            .client_ids
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            None => None,
+    fn limit(&self) -> Result<usize> {
+        match &self.limit {
+            None => Ok(DEFAULT_PAGE),
+            Some(limit) => limit
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE).contains(n))
+                .ok_or_else(|| invalid("limit", "a whole number from 1 to 1000")),
+        }
+    }
+
+    fn filter(&self) -> Result<Option<Filter>> {
+        let client_ids = match self.client_ids.as_deref().map(str::trim) {
+            None | Some("") => None,
             Some(list) => Some(
                 list.split(',')
                     .map(|id| id.trim().parse::<Uuid>())
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        Error::bad_request("invalid_parameter", "clientIds: comma-separated UUIDs")
-                    })?,
+                    .map_err(|_| invalid("clientIds", "comma-separated UUIDs"))?,
             ),
         };
         let filter = Filter {
-            user_id: self.user_id.filter(|s| !s.is_empty()),
-            session_id: self.session_id.filter(|s| !s.is_empty()),
+            user_id: self.user_id.clone(),
+            session_id: self.session_id.clone(),
             client_ids,
             ..Filter::default()
         };
-        Ok(Some(filter).filter(|f| f.validate().is_ok()))
+        if filter == Filter::default() {
+            return Ok(None);
+        }
+        filter
+            .validate()
+            .map_err(|rule| Error::bad_request("invalid_parameter", rule))?;
+        Ok(Some(filter))
     }
 }
 
-/// Who is connected, on every instance that shares the database.
+fn invalid(name: &str, rule: &str) -> Error {
+    Error::bad_request("invalid_parameter", format!("{name}: {rule}"))
+}
+
+/// Who is connected, on every instance that shares the database, a page at a time in
+/// `clientId` order.
 async fn list_clients(
     State(state): State<AppState>,
-    RawQuery(query): RawQuery,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>> {
-    let filter = ClientQuery::parse(query.as_deref()).into_filter()?;
-    let (clients, stats) = state.events.clients_and_stats(filter.as_ref()).await?;
-    Ok(Json(json!({ "clients": clients, "stats": stats })))
+    let query = ClientQuery::parse(raw.as_deref())?;
+    let (limit, filter) = (query.limit()?, query.filter()?);
+    let (page, stats) = state
+        .events
+        .clients_page(filter.as_ref(), query.after.as_deref(), limit)
+        .await?;
+    Ok(Json(json!({
+        "clients": page.clients,
+        "nextAfter": page.next_after,
+        "stats": stats,
+    })))
 }
 
 /// The seed's SSEStats, durable.

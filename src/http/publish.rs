@@ -5,7 +5,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{AppState, Error, JsonBody, Result};
-use crate::{event, filter::Filter, service::Published};
+use crate::{
+    event,
+    filter::{Filter, check_id},
+    service::Published,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -72,9 +76,8 @@ async fn send_test_notification(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<TestNotification>,
 ) -> Result<Accepted> {
-    if body.user_id.is_empty() || body.user_id.len() > 256 {
-        return Err(Error::bad_request("invalid_body", "userId: 1 to 256 bytes"));
-    }
+    check_id(&body.user_id)
+        .map_err(|rule| Error::bad_request("invalid_body", format!("userId: {rule}")))?;
     let data = json!({ "message": body.message, "timestamp": event::rfc3339(std::time::SystemTime::now()) });
     let published = state
         .events

@@ -6,13 +6,18 @@ use axum::{
     Extension, Router,
     body::Body,
     extract::{RawQuery, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::Response,
     routing::get,
 };
 
-use super::{AppState, Error, Result, bearer_token};
+use super::{
+    AppState, Error, Result,
+    auth::{bearer_token, cookie, verify_token},
+    query,
+};
 use crate::{
+    filter::{MAX_METADATA_PAIRS, check_id, check_metadata_key},
     server::ConnectionHandle,
     service::{Subscribe, SubscribeError},
 };
@@ -21,9 +26,6 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/sse", get(stream_events))
 }
 
-const MAX_VALUE_BYTES: usize = 256;
-const MAX_KEY_BYTES: usize = 64;
-const MAX_METADATA_PAIRS: usize = 16;
 const MAX_TOKEN_BYTES: usize = 4096;
 
 /// What a stream asked for, checked against the contract's limits.
@@ -33,27 +35,24 @@ struct StreamParams {
     session_id: Option<String>,
     last_event_id: Option<i64>,
     metadata: BTreeMap<String, String>,
+    /// The subscriber token, from the query, the `Authorization` header or the cookie.
+    token: Option<String>,
 }
 
 impl StreamParams {
-    fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<Self> {
+    fn parse(raw_query: Option<&str>, headers: &HeaderMap) -> Result<Self> {
         let mut params = Self::default();
         let mut query_last_id = None;
-        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            let (key, value) = (key.into_owned(), value.into_owned());
+        let mut query_token = None;
+        for (key, value) in query::pairs(raw_query)? {
             let slot = match key.as_str() {
                 "userId" => &mut params.user_id,
                 "sessionId" => &mut params.session_id,
                 "lastEventId" => &mut query_last_id,
-                "token" => {
-                    if value.len() > MAX_TOKEN_BYTES {
-                        return Err(invalid("token", "at most 4 KiB"));
-                    }
-                    continue;
-                }
+                "token" => &mut query_token,
                 _ => {
-                    check_metadata_key(&key)?;
-                    check_value(&key, &value)?;
+                    check_metadata_key(&key).map_err(|rule| invalid(&key, &rule))?;
+                    check_id(&value).map_err(|rule| invalid(&key, &rule))?;
                     if params.metadata.insert(key.clone(), value).is_some() {
                         return Err(invalid(&key, "given more than once"));
                     }
@@ -66,22 +65,33 @@ impl StreamParams {
             if slot.is_some() {
                 return Err(invalid(&key, "given more than once"));
             }
-            check_value(&key, &value)?;
             // An empty value counts as absent.
-            *slot = Some(value).filter(|v| !v.is_empty());
+            if !value.is_empty() {
+                if key != "token" && key != "lastEventId" {
+                    check_id(&value).map_err(|rule| invalid(&key, &rule))?;
+                }
+                *slot = Some(value);
+            }
         }
         // The token's size is checked however it comes, before anything reads it.
-        let header_token = bearer_token(headers).map(str::len);
-        let cookie_token = cookie(headers, "sse_token").map(str::len);
-        if header_token
-            .max(cookie_token)
-            .is_some_and(|len| len > MAX_TOKEN_BYTES)
-        {
+        let token = query_token
+            .as_deref()
+            .or_else(|| bearer_token(headers))
+            .or_else(|| cookie(headers, "sse_token"));
+        let sizes = [
+            query_token.as_deref(),
+            bearer_token(headers),
+            cookie(headers, "sse_token"),
+        ];
+        if sizes.iter().flatten().any(|t| t.len() > MAX_TOKEN_BYTES) {
             return Err(invalid("token", "at most 4 KiB"));
         }
-        let header_last_id = match headers.get("last-event-id") {
-            None => None,
-            Some(value) => {
+        params.token = token.filter(|t| !t.is_empty()).map(str::to_owned);
+        let mut header_ids = headers.get_all("last-event-id").iter();
+        let header_last_id = match (header_ids.next(), header_ids.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => return Err(invalid("Last-Event-ID", "given more than once")),
+            (Some(value), None) => {
                 let value = value
                     .to_str()
                     .map_err(|_| invalid("Last-Event-ID", "not valid text"))?;
@@ -97,45 +107,40 @@ impl StreamParams {
         params.last_event_id = header_last_id.or(query_last_id);
         Ok(params)
     }
-}
 
-/// A cookie's value from the `Cookie` headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find_map(|(key, value)| (key == name).then_some(value))
+    /// With `SSE_JWT_SECRET` set, the stream belongs to the token's `sub` (and `sid`).
+    fn authorize(&mut self, state: &AppState) -> Result<()> {
+        let Some(secret) = &state.config.jwt_secret else {
+            return Ok(());
+        };
+        let token = self.token.as_deref().ok_or(Error::Unauthorized(
+            "a subscriber token is required (token=, Authorization: Bearer, or the sse_token cookie)",
+        ))?;
+        let claims = verify_token(secret, token)?;
+        check_id(&claims.sub).map_err(|_| {
+            Error::Unauthorized("the subscriber token's sub is not a valid user id")
+        })?;
+        if self.user_id.as_ref().is_some_and(|u| *u != claims.sub) {
+            return Err(Error::Forbidden("the token is for another user"));
+        }
+        if let Some(sid) = claims.sid {
+            if self.session_id.as_ref().is_some_and(|s| *s != sid) {
+                return Err(Error::Forbidden("the token is for another session"));
+            }
+            self.session_id = Some(sid);
+        }
+        self.user_id = Some(claims.sub);
+        Ok(())
+    }
 }
 
 fn invalid(name: &str, rule: &str) -> Error {
     Error::bad_request("invalid_parameter", format!("{name}: {rule}"))
 }
 
-fn check_value(name: &str, value: &str) -> Result<()> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(invalid(name, "at most 256 bytes"));
-    }
-    Ok(())
-}
-
-fn check_metadata_key(key: &str) -> Result<()> {
-    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.chars().all(valid) {
-        let shown: String = key.chars().take(MAX_KEY_BYTES).collect();
-        return Err(invalid(
-            &format!("metadata key {shown:?}"),
-            "1 to 64 characters of [A-Za-z0-9_.-]",
-        ));
-    }
-    Ok(())
-}
-
-/// A non-negative integer that fits in 63 bits; empty means absent.
+/// A non-negative integer that fits in 63 bits; empty means absent. Nothing else, not
+/// even surrounding white space.
 fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
-    let value = value.trim();
     if value.is_empty() {
         return Ok(None);
     }
@@ -152,10 +157,16 @@ fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
 async fn stream_events(
     State(state): State<AppState>,
     connection: Option<Extension<ConnectionHandle>>,
+    method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let params = StreamParams::parse(query.as_deref(), &headers)?;
+    let mut params = StreamParams::parse(query.as_deref(), &headers)?;
+    params.authorize(&state)?;
+    if method == Method::HEAD {
+        // The headers a stream would get, and no stream: nothing registers or counts.
+        return Ok(stream_response(Body::empty()));
+    }
     let retry_after_secs = state.config.retry.as_secs().max(1);
     if state.files.exhausted() {
         return Err(Error::busy(
@@ -195,7 +206,11 @@ async fn stream_events(
             SubscribeError::Unavailable(error) => Error::Unavailable(error),
         })?;
 
-    let mut response = Response::new(Body::from_stream(stream));
+    Ok(stream_response(Body::from_stream(stream)))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -204,7 +219,7 @@ async fn stream_events(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells nginx-style proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    response
 }
 
 #[cfg(test)]
@@ -240,6 +255,10 @@ mod tests {
             Some(i64::MAX)
         );
         assert_eq!(parse("lastEventId=").unwrap().last_event_id, None);
+        assert!(parse("lastEventId=%201").is_err());
+        assert!(parse("lastEventId=1%0A").is_err());
+        assert!(parse("lastEventId=%E3%80%801").is_err());
+        assert!(parse("userId=%FF").is_err());
         assert!(parse(&format!("token={}", "t".repeat(4097))).is_err());
     }
 
@@ -258,6 +277,14 @@ mod tests {
             HeaderValue::from_static("theme=dark; sse_token=short"),
         );
         assert!(StreamParams::parse(None, &headers).is_ok());
+    }
+
+    #[test]
+    fn two_last_event_id_headers_are_refused() {
+        let mut headers = HeaderMap::new();
+        headers.append("last-event-id", HeaderValue::from_static("1"));
+        headers.append("last-event-id", HeaderValue::from_static("2"));
+        assert!(StreamParams::parse(None, &headers).is_err());
     }
 
     #[test]

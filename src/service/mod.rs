@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use error::{PublishError, StoreError, SubscribeError};
-pub use stats::{ClientView, Stats};
+pub use stats::{ClientPage, ClientView, Stats};
 pub use stream::ClientStream;
 pub use subscribe::Subscribe;
 

@@ -30,6 +30,14 @@ pub struct Stats {
     pub instances: i64,
 }
 
+/// A page of `GET /api/sse/clients`.
+#[derive(Clone, Debug)]
+pub struct ClientPage {
+    pub clients: Vec<ClientView>,
+    /// The last `clientId` of a full page: ask for `after=` it to get the next.
+    pub next_after: Option<String>,
+}
+
 /// One open stream (`GET /api/sse/clients`).
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -84,15 +92,29 @@ impl EventService {
         self.stats_of(&self.all_clients().await?).await
     }
 
-    /// The open streams a filter picks, with the stats over all of them, from one read of
-    /// the other instances' sessions (`GET /api/sse/clients`).
-    pub async fn clients_and_stats(
+    /// One page of the open streams a filter picks, in `clientId` order after `after`,
+    /// with the stats over all of them, from one read of the other instances' sessions
+    /// (`GET /api/sse/clients`).
+    pub async fn clients_page(
         &self,
         filter: Option<&Filter>,
-    ) -> Result<(Vec<ClientView>, Stats), StoreError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(ClientPage, Stats), StoreError> {
         let all = self.all_clients().await?;
         let stats = self.stats_of(&all).await?;
-        Ok((narrowed(all, filter), stats))
+        let mut picked = narrowed(all, filter);
+        picked.retain(|c| after.is_none_or(|a| c.client_id.as_str() > a));
+        picked.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
+        picked.truncate(limit);
+        let next_after = (picked.len() == limit)
+            .then(|| picked.last().map(|c| c.client_id.clone()))
+            .flatten();
+        let page = ClientPage {
+            clients: picked,
+            next_after,
+        };
+        Ok((page, stats))
     }
 
     async fn all_clients(&self) -> Result<Vec<ClientView>, StoreError> {

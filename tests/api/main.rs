@@ -1,9 +1,11 @@
 //! Integration tests: the real app over HTTP with a real SSE client, on SQLite and on a
 //! fresh Postgres database per test.
 
+mod auth;
 mod delivery;
 mod helpers;
 mod history;
+mod hostile;
 mod monitoring;
 mod postgres;
 mod process;

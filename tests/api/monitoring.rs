@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestDb, error_code, spawn_app, spawn_app_with, test_config};
+use crate::helpers::{TestDb, error_code, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn clients_lists_open_streams_and_filters_them() {
@@ -271,16 +271,4 @@ async fn cors_allows_the_configured_origins_with_the_contract_headers() {
             .is_none()
     );
     app.stop().await;
-}
-
-#[tokio::test]
-async fn a_jwt_secret_is_refused_until_subscriber_tokens_are_supported() {
-    let db = TestDb::sqlite().await;
-    let config = test_config(&db.url, &[("SSE_JWT_SECRET", "k")]);
-    let store = db.store().await;
-    let error = nomey_sse::Application::build(config, store)
-        .await
-        .err()
-        .expect("the start is refused");
-    assert!(error.to_string().contains("SSE_JWT_SECRET"));
 }

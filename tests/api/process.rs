@@ -467,3 +467,58 @@ async fn fresh_sqlite_starts_under_publish_load_log_no_locked_database_and_no_co
         assert!(!logs.contains('\u{1b}'), "colour codes in a pipe");
     }
 }
+
+#[tokio::test]
+async fn a_subscriber_token_never_appears_in_the_logs() {
+    let db = TestDb::sqlite().await;
+    let secret = "log-test-secret";
+    let claims = json!({ "sub": "u1", "exp": nomey_sse::event::now_millis() / 1000 + 600 });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let mut command = server_command(
+        &db.url,
+        &[("SSE_JWT_SECRET", secret), ("RUST_LOG", "debug")],
+    );
+    let mut child = command.spawn().unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = wait_for_log(&mut logs, "nomey-sse listening").await;
+    let addr: SocketAddr = line["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    let collected = tokio::spawn(async move {
+        let mut text = String::new();
+        while let Ok(Some(line)) = logs.next_line().await {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let http = reqwest::Client::new();
+    for query in [
+        format!("token={token}&userId=u1"),
+        format!("userId=u1&token={token}x"),
+    ] {
+        let url = format!("http://{addr}/api/sse?{query}");
+        // Read the first chunk, so the request was handled, then hang up.
+        let mut response = http.get(url).send().await.unwrap();
+        let _ = response.chunk().await;
+    }
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = collected.await.unwrap();
+    assert!(
+        text.contains("token=[redacted]"),
+        "the request is logged: {text}"
+    );
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!text.contains(signature), "the token leaked: {text}");
+}

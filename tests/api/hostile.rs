@@ -1,0 +1,278 @@
+//! What the internet sends: bad bytes, loose bodies, slow and stalled senders, floods.
+
+use std::{net::SocketAddr, time::Duration};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::helpers::{PATIENCE, TestApp, TestDb, error_code, spawn_app, spawn_app_with};
+
+/// Sends raw bytes and returns what comes back until the server closes or `wait` passes.
+async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, socket.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn post_raw(app: &TestApp, path: &str, body: &str) -> reqwest::Response {
+    app.http
+        .post(app.url(path))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn query_values_that_are_not_utf8_are_refused_on_every_route() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    for path in [
+        "/api/sse?userId=%FF",
+        "/api/sse?userId=%FE",
+        "/api/sse/clients?userId=%FF",
+        "/api/sse/stats?x=%C3",
+        "/healthz?x=%FF",
+    ] {
+        let response = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(
+            error_code(response, StatusCode::BAD_REQUEST).await,
+            "invalid_parameter",
+            "{path}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn loose_bodies_and_filters_are_refused() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let long = "x".repeat(257);
+    let refused = [
+        ("/api/sse/notify", r#"[{"userId":"u"},"n",{}]"#.to_owned()),
+        (
+            "/api/sse/notify",
+            r#"{"filter":["u"],"event":"n","data":1}"#.to_owned(),
+        ),
+        (
+            "/api/sse/notify",
+            r#"{"filter":{"userId":""},"event":"n","data":1}"#.to_owned(),
+        ),
+        (
+            "/api/sse/notify",
+            format!(r#"{{"filter":{{"userId":"{long}"}},"event":"n","data":1}}"#),
+        ),
+        (
+            "/api/sse/notify",
+            r#"{"filter":{"userIds":["a",""]},"event":"n","data":1}"#.to_owned(),
+        ),
+        (
+            "/api/sse/notify",
+            r#"{"filter":{"metadata":{"bad key":"v"}},"event":"n","data":1}"#.to_owned(),
+        ),
+        ("/api/sse/broadcast", r#"["alert", 1]"#.to_owned()),
+        ("/api/sse/broadcast", "\"alert\"".to_owned()),
+        ("/api/sse/test", r#"["u1","hi"]"#.to_owned()),
+    ];
+    for (path, body) in refused {
+        let response = post_raw(&app, path, &body).await;
+        let code = error_code(response, StatusCode::BAD_REQUEST).await;
+        assert!(code.starts_with("invalid_"), "{path} {body}: {code}");
+    }
+    assert_eq!(
+        app.get_json("/api/sse/stats").await.1["pendingNotifications"],
+        0
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn last_event_ids_with_white_space_or_given_twice_are_refused() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    for query in [
+        "lastEventId=%201",
+        "lastEventId=1%0A",
+        "lastEventId=%E3%80%801",
+    ] {
+        let response = app.open_stream(query, &[]).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+    let twice = app
+        .open_stream("", &[("Last-Event-ID", "1"), ("Last-Event-ID", "2")])
+        .await;
+    assert_eq!(
+        error_code(twice, StatusCode::BAD_REQUEST).await,
+        "invalid_parameter"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn head_on_the_stream_route_opens_and_counts_nothing() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let response = app
+        .http
+        .head(app.url("/api/sse?userId=u"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let stats = app.get_json("/api/sse/stats").await.1;
+    assert_eq!(
+        (
+            stats["totalConnections"].as_i64(),
+            stats["totalClients"].as_i64()
+        ),
+        (Some(0), Some(0))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_huge_announced_body_gets_413_before_any_100_continue() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let request = "POST /api/sse/notify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                   Content-Length: 200000000\r\nExpect: 100-continue\r\n\r\n";
+    let answer = raw_exchange(app.addr, request.as_bytes(), Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_arrive_in_time_is_answered_408_or_closed() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app_with(&db, &[("REQUEST_TIMEOUT_MS", "500")]).await;
+    let started = tokio::time::Instant::now();
+    // A body that never completes.
+    let half_body = "POST /api/sse/notify HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{";
+    let answer = raw_exchange(app.addr, half_body.as_bytes(), PATIENCE).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // Headers that never complete.
+    let half_head = "GET /api/sse?userId=u HTTP/1.1\r\nHost: t\r\n";
+    raw_exchange(app.addr, half_head.as_bytes(), PATIENCE).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_malformed_requests_leaves_a_normal_client_served() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app_with(&db, &[("REQUEST_TIMEOUT_MS", "1000")]).await;
+    let mut stream = app.subscribe("userId=steady").await;
+    stream.connected().await;
+
+    let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let garbage: Vec<Vec<u8>> = vec![
+        b"POST /api/sse/notify HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n{not json".to_vec(),
+        format!("GET /healthz HTTP/1.1\r\nHost: t\r\n{many_headers}\r\n").into_bytes(),
+        b"POST /api/sse/notify HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{\"filter\""
+            .to_vec(),
+        b"GET /api/sse?userId=s".to_vec(),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n".to_vec(),
+        format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(100_000)).into_bytes(),
+    ];
+    let flood: Vec<_> = (0..200)
+        .map(|n| {
+            let request = garbage[n % garbage.len()].clone();
+            let addr = app.addr;
+            tokio::spawn(async move { raw_exchange(addr, &request, Duration::from_secs(3)).await })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for n in 0..20 {
+        let published = app
+            .notify(json!({ "userId": "steady" }), "n", json!(n))
+            .await;
+        sent.push((published["eventId"].as_i64().unwrap(), json!(n)));
+    }
+    for task in flood {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        stream.take_stored(20).await,
+        sent,
+        "every event, in order, once"
+    );
+    assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn clients_come_in_pages_ordered_by_client_id() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut stream = app.subscribe("userId=paged").await;
+        stream.connected().await;
+        streams.push(stream);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let query = after
+            .as_ref()
+            .map_or(String::new(), |a| format!("&after={a}"));
+        let (status, body) = app
+            .get_json(&format!("/api/sse/clients?userId=paged&limit=2{query}"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pages += 1;
+        let ids: Vec<String> = body["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["clientId"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(body["stats"]["totalClients"], 5);
+        seen.extend(ids.clone());
+        match &body["nextAfter"] {
+            Value::Null => break,
+            next => {
+                assert_eq!(next.as_str(), ids.last().map(String::as_str));
+                after = next.as_str().map(String::from);
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted);
+    assert_eq!(seen.len(), 5);
+    for limit in ["0", "1001", "abc", "-1"] {
+        let response = app
+            .http
+            .get(app.url(&format!("/api/sse/clients?limit={limit}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(response, StatusCode::BAD_REQUEST).await,
+            "invalid_parameter",
+            "{limit}"
+        );
+    }
+    let default = app.get_json("/api/sse/clients").await.1;
+    assert_eq!(default["clients"].as_array().unwrap().len(), 5);
+    assert_eq!(default["nextAfter"], Value::Null);
+    app.stop().await;
+}

@@ -3,6 +3,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::{
+    KnownFormat, ObjectBuilder, RefOr, Schema, SchemaFormat, Type,
+    schema::{AdditionalProperties, ArrayBuilder},
+};
 use uuid::Uuid;
 
 /// Who a stream belongs to, as given when it connected.
@@ -54,6 +58,76 @@ pub struct Filter {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// The filter as the API describes it: at least one field, none of them null.
+impl utoipa::PartialSchema for Filter {
+    fn schema() -> RefOr<Schema> {
+        let list = |items: RefOr<Schema>| {
+            ArrayBuilder::new()
+                .items(items)
+                .min_items(Some(1))
+                .max_items(Some(MAX_FILTER_IDS))
+        };
+        let uuid = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("userId", Id::schema())
+            .property("userIds", list(Id::schema()))
+            .property("sessionId", Id::schema())
+            .property("clientIds", list(uuid.into()))
+            .property("metadata", Metadata::schema())
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .min_properties(Some(1))
+            .description(Some(
+                "Who an event is for: every given field must match. At least one field.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Filter {}
+
+/// A user id, session id or metadata value, as the API describes it.
+struct Id;
+
+impl utoipa::PartialSchema for Id {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_VALUE_BYTES))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Id {}
+
+/// Metadata pairs, as the API describes them.
+struct Metadata;
+
+impl utoipa::PartialSchema for Metadata {
+    fn schema() -> RefOr<Schema> {
+        let key = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(METADATA_KEY_PATTERN))
+            .min_length(Some(1))
+            .max_length(Some(MAX_KEY_BYTES));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(key))
+            .additional_properties(Some(Id::schema()))
+            .min_properties(Some(1))
+            .max_properties(Some(MAX_METADATA_PAIRS))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Metadata {}
+
+/// What `check_metadata_key` allows, for the API description.
+pub const METADATA_KEY_PATTERN: &str = "^[A-Za-z0-9_.-]{1,64}$";
+
 /// A filter as JSON: only an object. (serde would also take an array for a struct, field
 /// by field, so `["u1"]` would become a `userId` filter.)
 #[derive(Deserialize)]
@@ -78,6 +152,9 @@ impl TryFrom<FilterObject> for Filter {
     type Error = serde_json::Error;
 
     fn try_from(FilterObject(object): FilterObject) -> Result<Self, Self::Error> {
+        if let Some((name, _)) = object.iter().find(|(_, value)| value.is_null()) {
+            return Err(serde::de::Error::custom(format!("{name} may not be null")));
+        }
         let f: FilterFields = serde_json::from_value(serde_json::Value::Object(object))?;
         Ok(Self {
             user_id: f.user_id,
@@ -149,6 +226,13 @@ impl Filter {
                 "filter needs at least one of userId, userIds, sessionId, clientIds, metadata"
                     .into(),
             );
+        }
+        // An empty list or object would match no one (or, read loosely, everyone).
+        if self.user_ids.as_ref().is_some_and(Vec::is_empty)
+            || self.client_ids.as_ref().is_some_and(Vec::is_empty)
+            || self.metadata.as_ref().is_some_and(BTreeMap::is_empty)
+        {
+            return Err("userIds, clientIds and metadata, when given, must not be empty".into());
         }
         let too_many = |len: Option<usize>| len.is_some_and(|n| n > MAX_FILTER_IDS);
         if too_many(self.user_ids.as_ref().map(Vec::len))

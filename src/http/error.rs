@@ -5,7 +5,6 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
 
 use crate::service::{PublishError, StoreError};
 
@@ -41,6 +40,21 @@ pub enum Error {
     Unavailable(#[from] StoreError),
     #[error("the event could not be stored; try again shortly")]
     PublishUnavailable,
+}
+
+/// Every error response, as the API describes it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorDetail {
+    /// Stable, snake_case, for programs.
+    #[schema(pattern = "^[a-z_]+$")]
+    code: &'static str,
+    /// For people; may change.
+    message: String,
 }
 
 impl Error {
@@ -105,7 +119,12 @@ impl IntoResponse for Error {
         if let Self::Unavailable(error) = &self {
             tracing::error!(%error);
         }
-        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if matches!(self, Self::RequestTimeout) {
             // What is left of the request is still on its way: do not wait for it.

@@ -3,6 +3,7 @@
 mod auth;
 mod error;
 mod monitor;
+mod openapi;
 mod publish;
 mod query;
 mod stream;
@@ -21,7 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tower_http::{cors::CorsLayer, trace::TraceLayer};
 
-pub use error::Error;
+pub use error::{Error, ErrorBody};
 
 use crate::{config::Config, server::FileBudget, service::EventService};
 
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(monitor::router())
         .merge(web::router())
+        .merge(openapi::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())

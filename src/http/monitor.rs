@@ -9,11 +9,15 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{AppState, Error, Result, query};
-use crate::{filter::Filter, service::Stats};
+use super::{AppState, Error, ErrorBody, Result, query};
+use crate::{
+    filter::Filter,
+    service::{ClientView, Stats},
+};
 
 /// Routes that `SSE_PUBLISH_KEY` guards.
 pub fn protected_router() -> Router<AppState> {
@@ -81,9 +85,9 @@ impl ClientQuery {
             None | Some("") => None,
             Some(list) => Some(
                 list.split(',')
-                    .map(|id| id.trim().parse::<Uuid>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| invalid("clientIds", "comma-separated UUIDs"))?,
+                    .map(|id| hyphenated_uuid(id.trim()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| invalid("clientIds", "comma-separated UUIDs"))?,
             ),
         };
         let filter = Filter {
@@ -102,46 +106,103 @@ impl ClientQuery {
     }
 }
 
+/// A UUID as `connected` hands them out: 8-4-4-4-12 hex digits.
+fn hyphenated_uuid(id: &str) -> Option<Uuid> {
+    (id.len() == 36).then(|| id.parse().ok()).flatten()
+}
+
 fn invalid(name: &str, rule: &str) -> Error {
     Error::bad_request("invalid_parameter", format!("{name}: {rule}"))
 }
 
+/// A page of `GET /api/sse/clients`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientsPage {
+    clients: Vec<ClientView>,
+    /// The last `clientId` of a full page (ask for `after=` it), else null.
+    next_after: Option<String>,
+    stats: Stats,
+}
+
+/// A probe's answer.
+#[derive(Serialize, ToSchema)]
+pub struct Probe {
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
 /// Who is connected, on every instance that shares the database, a page at a time in
 /// `clientId` order.
-async fn list_clients(
+#[utoipa::path(get, path = "/api/sse/clients", tag = "monitor",
+    params(
+        ("userId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
+        ("sessionId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
+        ("clientIds" = Option<String>, Query, nullable = false, description = "Comma-separated client ids (UUIDs)", pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(,[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})*)?$"),
+        ("limit" = Option<u32>, Query, nullable = false, minimum = 1, maximum = 1000, description = "Clients per page (default 100)"),
+        ("after" = Option<String>, Query, nullable = false, description = "The nextAfter of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of the open streams, with the stats over all of them", body = ClientsPage),
+        (status = 400, description = "A bad parameter", body = ErrorBody),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn list_clients(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Value>> {
+) -> Result<Json<ClientsPage>> {
     let query = ClientQuery::parse(raw.as_deref())?;
     let (limit, filter) = (query.limit()?, query.filter()?);
     let (page, stats) = state
         .events
         .clients_page(filter.as_ref(), query.after.as_deref(), limit)
         .await?;
-    Ok(Json(json!({
-        "clients": page.clients,
-        "nextAfter": page.next_after,
-        "stats": stats,
-    })))
+    Ok(Json(ClientsPage {
+        clients: page.clients,
+        next_after: page.next_after,
+        stats,
+    }))
 }
 
 /// The seed's SSEStats, durable.
-async fn get_stats(State(state): State<AppState>) -> Result<Json<Stats>> {
+#[utoipa::path(get, path = "/api/sse/stats", tag = "monitor",
+    responses(
+        (status = 200, description = "Clients, connections and events across every instance", body = Stats),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn get_stats(State(state): State<AppState>) -> Result<Json<Stats>> {
     Ok(Json(state.events.stats().await?))
 }
 
-async fn get_health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "monitor",
+    responses((status = 200, description = "The process serves", body = Probe)))]
+pub async fn get_health() -> Json<Probe> {
+    Json(Probe { status: "ok" })
 }
 
 /// Ready while the database answers.
-async fn get_readiness(State(state): State<AppState>) -> Result<Json<Value>> {
+#[utoipa::path(get, path = "/readyz", tag = "monitor",
+    responses(
+        (status = 200, description = "The database answers", body = Probe),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ))]
+pub async fn get_readiness(State(state): State<AppState>) -> Result<Json<Probe>> {
     state.events.ready().await?;
-    Ok(Json(json!({ "status": "ready" })))
+    Ok(Json(Probe { status: "ready" }))
 }
 
 /// Prometheus text format.
-async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/metrics", tag = "monitor",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.events.metrics();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {

@@ -3,8 +3,9 @@
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
-use super::{AppState, Error, JsonBody, Result};
+use super::{AppState, Error, ErrorBody, JsonBody, Result};
 use crate::{
     event,
     filter::{Filter, check_id},
@@ -20,26 +21,35 @@ pub fn router() -> Router<AppState> {
 
 type Accepted = (StatusCode, Json<Published>);
 
-#[derive(Deserialize)]
+/// An event for the clients a filter picks.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewNotification {
+pub struct NewNotification {
     filter: Filter,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
     event: String,
+    /// Any JSON value, at most 64 KiB once serialized.
     data: Value,
 }
 
-#[derive(Deserialize)]
+/// An event for every client.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewBroadcast {
+pub struct NewBroadcast {
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
     event: String,
+    /// Any JSON value, at most 64 KiB once serialized.
     data: Value,
 }
 
-#[derive(Deserialize)]
+/// The seed's demo notification.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TestNotification {
+pub struct TestNotification {
+    #[schema(min_length = 1, max_length = 256)]
     user_id: String,
     #[serde(default = "default_test_message")]
+    #[schema(default = "Test notification")]
     message: String,
 }
 
@@ -48,7 +58,16 @@ fn default_test_message() -> String {
 }
 
 /// Sends to the clients that match a filter.
-async fn notify_clients(
+#[utoipa::path(post, path = "/api/sse/notify", request_body = NewNotification, tag = "publish",
+    responses(
+        (status = 202, description = "Stored and handed to this instance's matching streams", body = Published),
+        (status = 400, description = "Bad body, event name or filter", body = ErrorBody),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 413, description = "The data or the body is too large", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or the service is stopping", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn notify_clients(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<NewNotification>,
 ) -> Result<Accepted> {
@@ -63,7 +82,16 @@ async fn notify_clients(
 }
 
 /// Sends to every client.
-async fn broadcast_event(
+#[utoipa::path(post, path = "/api/sse/broadcast", request_body = NewBroadcast, tag = "publish",
+    responses(
+        (status = 202, description = "Stored and handed to this instance's streams", body = Published),
+        (status = 400, description = "Bad body or event name", body = ErrorBody),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 413, description = "The data or the body is too large", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or the service is stopping", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn broadcast_event(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<NewBroadcast>,
 ) -> Result<Accepted> {
@@ -72,7 +100,16 @@ async fn broadcast_event(
 }
 
 /// The seed's demo route: a `notification` to one user.
-async fn send_test_notification(
+#[utoipa::path(post, path = "/api/sse/test", request_body = TestNotification, tag = "publish",
+    responses(
+        (status = 202, description = "Stored and handed to the user's streams here", body = Published),
+        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or the service is stopping", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn send_test_notification(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<TestNotification>,
 ) -> Result<Accepted> {

@@ -12,7 +12,7 @@ use axum::{
 };
 
 use super::{
-    AppState, Error, Result,
+    AppState, Error, ErrorBody, Result,
     auth::{bearer_token, cookie, verify_token},
     query,
 };
@@ -153,8 +153,36 @@ fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
         .map_err(|_| invalid(name, "a whole number below 2^63"))
 }
 
+/// One event of the stream, as the API describes it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// Stored events only: a decimal id, increasing.
+    id: Option<String>,
+    event: Option<String>,
+    /// JSON.
+    data: String,
+    retry: Option<u64>,
+}
+
 /// Opens a stream: `retry:`, `connected`, then history, then live events.
-async fn stream_events(
+#[utoipa::path(get, path = "/api/sse", tag = "stream",
+    params(
+        ("userId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
+        ("sessionId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
+        ("lastEventId" = Option<i64>, Query, nullable = false, minimum = 0, maximum = 9223372036854775807_i64, description = "Resume after this event id (the Last-Event-ID header wins)"),
+        ("token" = Option<String>, Query, nullable = false, max_length = 4096, description = "Subscriber JWT, when SSE_JWT_SECRET is set"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^([0-9]{1,18})?$", description = "Resume after this event id; empty counts as absent"),
+    ),
+    responses(
+        (status = 200, description = "The event stream: retry, connected, then stored events (with ids) and pings", body = SseEvent, content_type = "text/event-stream"),
+        (status = 400, description = "A bad parameter", body = ErrorBody),
+        (status = 401, description = "A subscriber token is missing or invalid", body = ErrorBody),
+        (status = 403, description = "The token is for another user or session", body = ErrorBody),
+        (status = 429, description = "The user has MAX_STREAMS_PER_USER streams open here", body = ErrorBody),
+        (status = 503, description = "MAX_CLIENTS streams are open, the database is unavailable, or the service is stopping", body = ErrorBody),
+    ))]
+pub async fn stream_events(
     State(state): State<AppState>,
     connection: Option<Extension<ConnectionHandle>>,
     method: Method,

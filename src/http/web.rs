@@ -25,16 +25,22 @@ pub fn router() -> Router<AppState> {
         .route("/sse-client.js", get(get_client_script))
 }
 
-async fn get_home() -> Response {
+#[utoipa::path(get, path = "/home", tag = "web",
+    responses((status = 200, description = "The demo page", body = String, content_type = "text/html")))]
+pub async fn get_home() -> Response {
     embedded("text/html; charset=utf-8", HOME_HTML)
 }
 
-async fn get_client_script() -> Response {
+#[utoipa::path(get, path = "/sse-client.js", tag = "web",
+    responses((status = 200, description = "The browser client, an ES module", body = String, content_type = "text/javascript")))]
+pub async fn get_client_script() -> Response {
     embedded("text/javascript; charset=utf-8", CLIENT_JS)
 }
 
 /// `/` → `/home`, keeping the query, so `/?userId=alice` opens alice's page.
-async fn redirect_home(RawQuery(query): RawQuery) -> Response {
+#[utoipa::path(get, path = "/", tag = "web",
+    responses((status = 303, description = "To /home, keeping the query")))]
+pub async fn redirect_home(RawQuery(query): RawQuery) -> Response {
     let target = match query.filter(|q| !q.is_empty()) {
         Some(query) => format!("/home?{query}"),
         None => "/home".to_owned(),

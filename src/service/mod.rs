@@ -45,7 +45,7 @@ use crate::{
 };
 
 /// The result of a publish, as `POST /api/sse/notify` answers it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Published {
     pub event_id: i64,

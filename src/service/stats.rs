@@ -17,13 +17,14 @@ use crate::{
 };
 
 /// The seed's `SSEStats`, durable (`GET /api/sse/stats`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub total_clients: usize,
     pub clients_by_user: BTreeMap<String, usize>,
     pub average_connection_duration_ms: i64,
     pub total_events_sent: i64,
+    #[schema(format = DateTime)]
     pub last_event_timestamp: Option<String>,
     pub total_connections: i64,
     pub pending_notifications: i64,
@@ -39,18 +40,22 @@ pub struct ClientPage {
 }
 
 /// One open stream (`GET /api/sse/clients`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientView {
+    #[schema(format = Uuid)]
     pub client_id: String,
     pub user_id: Option<String>,
     pub session_id: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    #[schema(format = DateTime)]
     pub connected_at: String,
+    #[schema(format = DateTime)]
     pub last_event_at: Option<String>,
     pub events_sent: i64,
     pub instance_id: String,
     #[serde(skip)]
+    #[schema(ignore)]
     connected_at_ms: i64,
 }
 

@@ -105,7 +105,7 @@ fn request_span(request: &Request) -> tracing::Span {
     )
 }
 
-/// Largest request body taken by the publishing routes (the batch route's 8 MiB).
+/// Largest request body taken by the publishing routes.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// A JSON object body whose rejections are the contract's JSON errors. Any

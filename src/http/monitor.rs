@@ -52,6 +52,7 @@ impl ClientQuery {
     /// Unknown parameters are ignored, as on every route but `/api/sse`.
     fn parse(raw: Option<&str>) -> Result<Self> {
         let mut out = Self::default();
+        let mut seen = std::collections::HashSet::new();
         for (key, value) in query::pairs(raw)? {
             let slot = match key.as_str() {
                 "userId" => &mut out.user_id,
@@ -61,7 +62,7 @@ impl ClientQuery {
                 "after" => &mut out.after,
                 _ => continue,
             };
-            if slot.is_some() {
+            if !seen.insert(key.clone()) {
                 return Err(invalid(&key, "given more than once"));
             }
             *slot = Some(value).filter(|v| !v.is_empty());

@@ -44,7 +44,11 @@ impl StreamParams {
         let mut params = Self::default();
         let mut query_last_id = None;
         let mut query_token = None;
+        let mut seen = std::collections::HashSet::new();
         for (key, value) in query::pairs(raw_query)? {
+            if !seen.insert(key.clone()) {
+                return Err(invalid(&key, "given more than once"));
+            }
             let slot = match key.as_str() {
                 "userId" => &mut params.user_id,
                 "sessionId" => &mut params.session_id,
@@ -53,18 +57,13 @@ impl StreamParams {
                 _ => {
                     check_metadata_key(&key).map_err(|rule| invalid(&key, &rule))?;
                     check_id(&value).map_err(|rule| invalid(&key, &rule))?;
-                    if params.metadata.insert(key.clone(), value).is_some() {
-                        return Err(invalid(&key, "given more than once"));
-                    }
+                    params.metadata.insert(key, value);
                     if params.metadata.len() > MAX_METADATA_PAIRS {
                         return Err(invalid("metadata", "at most 16 pairs"));
                     }
                     continue;
                 }
             };
-            if slot.is_some() {
-                return Err(invalid(&key, "given more than once"));
-            }
             // An empty value counts as absent.
             if !value.is_empty() {
                 if key != "token" && key != "lastEventId" {
@@ -74,10 +73,14 @@ impl StreamParams {
             }
         }
         // The token's size is checked however it comes, before anything reads it.
-        let token = query_token
-            .as_deref()
-            .or_else(|| bearer_token(headers))
-            .or_else(|| cookie(headers, "sse_token"));
+        let token = [
+            query_token.as_deref(),
+            bearer_token(headers),
+            cookie(headers, "sse_token"),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|t| !t.is_empty());
         let sizes = [
             query_token.as_deref(),
             bearer_token(headers),
@@ -86,7 +89,7 @@ impl StreamParams {
         if sizes.iter().flatten().any(|t| t.len() > MAX_TOKEN_BYTES) {
             return Err(invalid("token", "at most 4 KiB"));
         }
-        params.token = token.filter(|t| !t.is_empty()).map(str::to_owned);
+        params.token = token.map(str::to_owned);
         let mut header_ids = headers.get_all("last-event-id").iter();
         let header_last_id = match (header_ids.next(), header_ids.next()) {
             (None, _) => None,
@@ -124,6 +127,9 @@ impl StreamParams {
             return Err(Error::Forbidden("the token is for another user"));
         }
         if let Some(sid) = claims.sid {
+            check_id(&sid).map_err(|_| {
+                Error::Unauthorized("the subscriber token's sid is not a valid session id")
+            })?;
             if self.session_id.as_ref().is_some_and(|s| *s != sid) {
                 return Err(Error::Forbidden("the token is for another session"));
             }

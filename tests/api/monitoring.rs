@@ -272,3 +272,28 @@ async fn cors_allows_the_configured_origins_with_the_contract_headers() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_description_lists_every_route() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app_with(&db, &[("SSE_PUBLISH_KEY", "k")]).await;
+    let (status, doc) = app.get_json("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK, "open to all");
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/api/sse",
+        "/api/sse/notify",
+        "/api/sse/broadcast",
+        "/api/sse/test",
+        "/api/sse/clients",
+        "/api/sse/stats",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/home",
+        "/sse-client.js",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is described");
+    }
+    app.stop().await;
+}

@@ -8,11 +8,14 @@
 //! http, server          the HTTP API over EventService; the accept loop and its
 //!                       transport types (connection handles, the open-files budget)
 //! service               EventService: publishing, subscribing, history, workers
+//! bus                   wake-ups from other instances (reads nothing but its channel)
 //! hub, store            live streams in memory; durable state (no hub in the store,
 //!                       no database in the hub)
 //! event, filter, config, telemetry   leaves
 //! ```
 
+/// Wake-ups between instances (Postgres LISTEN/NOTIFY).
+pub(crate) mod bus;
 /// Typed configuration from the environment.
 pub mod config;
 /// Event names, the SSE wire format and times.

@@ -13,7 +13,7 @@ use crate::{
     hub::Hub,
     server::{self, FileBudget},
     service::EventService,
-    store::Store,
+    store::{SoleUse, Store},
 };
 
 /// How long shutdown waits for streams to end before it stops waiting.
@@ -27,6 +27,7 @@ pub struct Application {
     state: AppState,
     hub: Hub,
     store: Store,
+    _sole_use: SoleUse,
 }
 
 impl Application {
@@ -44,6 +45,7 @@ impl Application {
         store: Store,
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
+        let sole_use = SoleUse::take(&config.database).map_err(|reason| anyhow::anyhow!(reason))?;
         match (&config.publish_key, &config.jwt_secret) {
             (None, None) => tracing::warn!(
                 "neither SSE_PUBLISH_KEY nor SSE_JWT_SECRET is set: anyone can publish, read stats and open any user's stream (development mode)"
@@ -80,6 +82,7 @@ impl Application {
             state,
             hub,
             store,
+            _sole_use: sole_use,
         })
     }
 
@@ -111,6 +114,7 @@ impl Application {
             state,
             hub,
             store,
+            _sole_use,
         } = self;
         tracing::info!(
             addr = %listener.local_addr()?,

@@ -40,6 +40,8 @@ pub enum Error {
     Unavailable(#[from] StoreError),
     #[error("the event could not be stored; try again shortly")]
     PublishUnavailable,
+    #[error("not listening to the other instances yet; reconnecting")]
+    BusDown,
 }
 
 /// Every error response, as the API describes it.
@@ -79,6 +81,7 @@ impl Error {
             Self::Unavailable(_) | Self::PublishUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
             }
+            Self::BusDown => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
         }
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::{AppState, Error, ErrorBody, Result, query};
 use crate::{
     filter::Filter,
-    service::{ClientView, Stats},
+    service::{ClientView, NotReady, Stats},
 };
 
 /// Routes that `SSE_PUBLISH_KEY` guards.
@@ -188,12 +188,15 @@ pub async fn get_health() -> Json<Probe> {
 /// Ready while the database answers.
 #[utoipa::path(get, path = "/readyz", tag = "monitor",
     responses(
-        (status = 200, description = "The database answers", body = Probe),
+        (status = 200, description = "The database answers (and, on Postgres, this instance listens to the others)", body = Probe),
         (status = 503, description = "The database is unavailable", body = ErrorBody),
     ))]
 pub async fn get_readiness(State(state): State<AppState>) -> Result<Json<Probe>> {
-    state.events.ready().await?;
-    Ok(Json(Probe { status: "ready" }))
+    match state.events.ready().await {
+        Ok(()) => Ok(Json(Probe { status: "ready" })),
+        Err(NotReady::Database(error)) => Err(error.into()),
+        Err(NotReady::Bus) => Err(Error::BusDown),
+    }
 }
 
 /// Prometheus text format.
@@ -260,6 +263,7 @@ pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
             ("{reason=\"slow\"}", m.dropped_slow),
             ("{reason=\"stale\"}", m.dropped_stale),
             ("{reason=\"behind\"}", m.dropped_behind),
+            ("{reason=\"orphaned\"}", m.dropped_orphaned),
         ],
     );
     metric(

@@ -44,6 +44,9 @@ pub struct Client {
     /// Cancels this stream's connection; fired for streams that are cut off.
     pub(super) kill: CancellationToken,
     pub(super) dropped: AtomicBool,
+    /// The cluster already closed and counted this session (its instance was declared
+    /// dead): its end is not recorded again.
+    pub(super) forgotten: AtomicBool,
 }
 
 pub(super) enum Offer {
@@ -62,7 +65,13 @@ impl Client {
             saved_events: AtomicU64::new(NEVER_SAVED),
             kill,
             dropped: AtomicBool::new(false),
+            forgotten: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the session was already closed and counted elsewhere.
+    pub fn is_forgotten(&self) -> bool {
+        self.forgotten.load(Relaxed)
     }
 
     pub fn events_sent(&self) -> u64 {

@@ -17,6 +17,8 @@ pub(super) enum CutOff {
     Stale,
     /// Events meant for it could not be read from the log.
     Behind,
+    /// Its instance was declared dead by the others.
+    Orphaned,
 }
 
 impl Hub {
@@ -36,6 +38,10 @@ impl Hub {
                         CutOff::Behind => (
                             &metrics.dropped_behind,
                             "events for it could not be read from the log",
+                        ),
+                        CutOff::Orphaned => (
+                            &metrics.dropped_orphaned,
+                            "its instance was declared dead while frozen",
                         ),
                     };
                     counter.fetch_add(1, Relaxed);
@@ -59,6 +65,19 @@ impl Hub {
             .map(|s| s.client.info.client_id)
             .collect();
         self.cut_off(&stale, CutOff::Stale);
+    }
+
+    /// Ends every stream of an instance that the others declared dead: their sessions
+    /// are already closed and counted, so their ends are not recorded again.
+    pub fn declared_dead(&self) {
+        let ids: Vec<Uuid> = {
+            let reg = self.read();
+            for slot in reg.clients.values() {
+                slot.client.forgotten.store(true, Relaxed);
+            }
+            reg.clients.keys().copied().collect()
+        };
+        self.cut_off(&ids, CutOff::Orphaned);
     }
 
     /// Cuts off every stream: events up to `through` could not be read for them, so they

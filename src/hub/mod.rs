@@ -54,6 +54,7 @@ pub struct HubMetrics {
     pub dropped_slow: AtomicU64,
     pub dropped_stale: AtomicU64,
     pub dropped_behind: AtomicU64,
+    pub dropped_orphaned: AtomicU64,
 }
 
 /// A cheap handle to the registry of this instance's open streams.

@@ -27,6 +27,15 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
     }
 }
 
+/// Why the instance is not ready to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error(transparent)]
+    Database(#[from] StoreError),
+    #[error("not listening to the other instances; reconnecting")]
+    Bus,
+}
+
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

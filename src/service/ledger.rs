@@ -45,7 +45,7 @@ struct Unsaved {
     closed: Vec<SessionRecord>,
     closed_unrecorded: u64,
     closed_unrecorded_ms: i64,
-    settled: Vec<(String, i64)>,
+    settled: HashSet<(String, i64)>,
     /// Pending events a stream here has taken (read into its history, or written and not
     /// yet deleted in the store), by user: a second fresh stream of the user skips them.
     taken_pending: HashMap<String, HashSet<i64>>,
@@ -126,7 +126,7 @@ impl Ledger {
             }
             return;
         }
-        rest.settled.push((user.to_owned(), event_id));
+        rest.settled.insert((user.to_owned(), event_id));
         rest.taken_pending
             .entry(user.to_owned())
             .or_default()
@@ -176,7 +176,7 @@ impl Ledger {
             closed: std::mem::take(&mut rest.closed),
             closed_unrecorded: std::mem::take(&mut rest.closed_unrecorded),
             closed_unrecorded_ms: std::mem::take(&mut rest.closed_unrecorded_ms),
-            settled: std::mem::take(&mut rest.settled),
+            settled: std::mem::take(&mut rest.settled).into_iter().collect(),
         };
         (rest.taken_events, rest.taken_connections) = (events, connections);
         (tallies, std::mem::take(&mut rest.lost_rows))
@@ -211,6 +211,11 @@ impl Ledger {
         rest.closed_unrecorded_ms += tallies.closed_unrecorded_ms;
         rest.settled.extend(tallies.settled);
         rest.lost_rows |= lost_rows;
+    }
+
+    /// Pending rows this instance settled that the store still holds.
+    pub fn unsaved_settlements(&self) -> i64 {
+        self.rest().settled.len() as i64
     }
 
     /// Unsaved counts for the stats: (events sent, connections, closed sessions, their ms).

@@ -19,16 +19,16 @@ mod workers;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use error::{PublishError, StoreError, SubscribeError};
+pub use error::{NotReady, PublishError, StoreError, SubscribeError};
 pub use stats::{ClientPage, ClientView, Stats};
 pub use stream::ClientStream;
 pub use subscribe::Subscribe;
@@ -37,7 +37,8 @@ use error::Doing;
 use ledger::Ledger;
 
 use crate::{
-    config::Config,
+    bus::PgBus,
+    config::{Config, DatabaseUrl},
     event::{EventName, MAX_DATA_BYTES, now_millis},
     filter::Filter,
     hub::{Client, Hub},
@@ -76,6 +77,7 @@ pub struct Metrics {
     pub dropped_slow: u64,
     pub dropped_stale: u64,
     pub dropped_behind: u64,
+    pub dropped_orphaned: u64,
     pub unreadable_filters: u64,
     pub history_rows_read: u64,
     pub unsaved_sessions_dropped: u64,
@@ -94,6 +96,11 @@ struct Inner {
     store: Store,
     config: Arc<Config>,
     requests: mpsc::Sender<publisher::Request>,
+    /// Whether the bus to other instances is down (always false without one).
+    bus_down: AtomicBool,
+    /// Set by the first heartbeat: a later one that has to re-create this instance's row
+    /// means it was declared dead.
+    joined: AtomicBool,
     started_at: i64,
     metrics: ServiceMetrics,
     ledger: Ledger,
@@ -123,12 +130,15 @@ impl EventService {
             .doing("read the event log's horizon")?;
         hub.advance_cursor(last_event_id);
         let (requests, receiver) = mpsc::channel(PUBLISH_QUEUE);
+        let (committed, committed_rx) = watch::channel(last_event_id);
         let service = Self {
             inner: Arc::new(Inner {
                 hub,
                 store,
                 config,
                 requests,
+                bus_down: AtomicBool::new(false),
+                joined: AtomicBool::new(false),
                 started_at: now_millis(),
                 metrics: ServiceMetrics::default(),
                 ledger: Ledger::default(),
@@ -140,7 +150,16 @@ impl EventService {
         // Register this instance before serving, so other instances see it at once.
         service.flush().await?;
         let tasks = &service.inner.tasks;
-        tasks.spawn(publisher::run(service.clone(), receiver));
+        tasks.spawn(publisher::run(service.clone(), receiver, committed_rx));
+        if let DatabaseUrl::Postgres(url) = &service.inner.config.database {
+            // Mark it down until it has listened once.
+            service.inner.bus_down.store(true, Relaxed);
+            tasks.spawn(workers::bus_loop(
+                service.clone(),
+                PgBus::new(url),
+                committed,
+            ));
+        }
         tasks.spawn(workers::flush_loop(service.clone()));
         tasks.spawn(workers::heartbeat_loop(service.clone()));
         tasks.spawn(workers::retention_loop(service.clone()));
@@ -160,11 +179,15 @@ impl EventService {
         &self.inner.config
     }
 
-    /// Whether the database answers.
-    pub async fn ready(&self) -> Result<(), StoreError> {
+    /// Whether the database answers and, with several instances, the bus listens.
+    pub async fn ready(&self) -> Result<(), NotReady> {
         let ping = tokio::time::timeout(Duration::from_secs(2), self.store().ping()).await;
         ping.unwrap_or(Err(sqlx::Error::PoolTimedOut))
-            .doing("reach the database")
+            .doing("reach the database")?;
+        if self.inner.bus_down.load(Relaxed) {
+            return Err(NotReady::Bus);
+        }
+        Ok(())
     }
 
     /// The counters behind `/metrics`.
@@ -184,6 +207,7 @@ impl EventService {
             dropped_slow: hub.dropped_slow.load(Relaxed),
             dropped_stale: hub.dropped_stale.load(Relaxed),
             dropped_behind: hub.dropped_behind.load(Relaxed),
+            dropped_orphaned: hub.dropped_orphaned.load(Relaxed),
             unreadable_filters: service.unreadable_filters.load(Relaxed),
             history_rows_read: service.history_rows_read.load(Relaxed),
             unsaved_sessions_dropped: ledger.dropped_sessions.load(Relaxed),

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{EventService, PublishError, Published, error::Doing};
 use crate::{
@@ -31,12 +31,23 @@ pub(super) struct Request {
     pub reply: oneshot::Sender<Result<Published, PublishError>>,
 }
 
-pub(super) async fn run(service: EventService, mut requests: mpsc::Receiver<Request>) {
+/// Stores and dispatches publishes; between them, hands this instance's streams what
+/// other instances committed (`committed` carries the highest id announced on the bus).
+pub(super) async fn run(
+    service: EventService,
+    mut requests: mpsc::Receiver<Request>,
+    mut committed: watch::Receiver<i64>,
+) {
     let shutdown = service.inner.shutdown.clone();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = tokio::select! {
             n = requests.recv_many(&mut batch, MAX_BATCH) => n,
+            Ok(()) = committed.changed() => {
+                let through = *committed.borrow_and_update();
+                catch_up(&service, through).await;
+                continue;
+            }
             () = shutdown.cancelled() => {
                 // Take what was already queued, refuse the rest.
                 requests.close();
@@ -61,6 +72,11 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     let (records, targets): (Vec<NewEvent>, Vec<_>) = batch
         .into_iter()
         .map(|r| {
+            let target_users = r
+                .filter
+                .as_ref()
+                .map(Filter::target_users)
+                .unwrap_or_default();
             let record = NewEvent {
                 kind: r.kind.into(),
                 data: r.data,
@@ -70,16 +86,12 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
                     .as_ref()
                     .map(|f| serde_json::to_string(f).unwrap_or_default()),
                 audience: Filter::audience(r.filter.as_ref()),
-                pending_candidates: r
-                    .filter
-                    .as_ref()
-                    .map(|f| {
-                        f.target_users()
-                            .into_iter()
-                            .filter(|u| !hub.has_user(u))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                absent_here: target_users
+                    .iter()
+                    .filter(|u| !hub.has_user(u))
+                    .cloned()
+                    .collect(),
+                target_users,
                 created_at: now,
             };
             (record, (r.filter, r.reply))
@@ -102,15 +114,14 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     };
     catch_up(service, appended.first_id - 1).await;
     let published = records.iter().zip(targets).zip(appended.pending);
-    for (i, ((record, (filter, reply)), pending_users)) in published.enumerate() {
+    for (i, ((record, (filter, reply)), pending)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
         let delivered = hub.dispatch(&Dispatch {
             id: event_id,
             frame: event::encode(event_id, &record.kind, &record.data),
             filter: filter.as_ref(),
-            pending_users: &pending_users,
+            pending_users: &record.target_users,
         });
-        let pending = !pending_users.is_empty();
         tracing::info!(
             event_id,
             event = record.kind,
@@ -170,10 +181,15 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
     let Some(filter) = service.stored_filter(stored) else {
         return;
     };
+    // Every user an event names has a pending row: a stream of theirs here settles it.
+    let pending_users = filter
+        .as_ref()
+        .map(Filter::target_users)
+        .unwrap_or_default();
     service.hub().dispatch(&Dispatch {
         id: stored.event_id,
         frame: event::encode(stored.event_id, &stored.kind, &stored.data),
         filter: filter.as_ref(),
-        pending_users: &[],
+        pending_users: &pending_users,
     });
 }

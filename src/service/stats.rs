@@ -146,11 +146,13 @@ impl EventService {
         let totals = store.totals().await.doing("read the totals")?;
         let (unsaved_sent, unsaved_connections, unsaved_closed, unsaved_closed_ms) =
             ledger.unsaved();
-        drop(flushing);
+        // Rows a stream here was handed but that the next flush has yet to delete.
         let pending_notifications = store
             .pending_count()
             .await
-            .doing("count pending notifications")?;
+            .doing("count pending notifications")?
+            - ledger.unsaved_settlements();
+        drop(flushing);
         let other_instances = store
             .other_instances(self.hub().instance_id(), self.alive_since())
             .await

@@ -122,6 +122,9 @@ impl Stream for ClientStream {
 impl Drop for ClientStream {
     fn drop(&mut self) {
         let registration = &self.registration;
+        if registration.client.is_forgotten() {
+            return;
+        }
         let session = session_record(
             &registration.client,
             registration.instance_id(),

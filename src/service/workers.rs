@@ -1,22 +1,27 @@
 //! Background workers. Each owns a loop that stops on the shutdown token; a failing
 //! database only makes them log and try again on their next tick.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use tokio::time::{MissedTickBehavior, interval};
+
+use tokio::sync::watch;
 
 use super::{
     EventService,
     error::{Doing, StoreError},
     session_record,
 };
-use crate::event::{self, now_millis};
+use crate::{
+    bus::{Bus, Wake},
+    event::{self, now_millis},
+};
 
 /// How often counts and sessions are saved (and this instance's heartbeat written).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// Every this many flushes, instances that stopped heart-beating are reaped and the event
-/// counts of open sessions are saved (new and closed sessions are saved every time): at
-/// 10,000 streams, saving every count every second would keep SQLite's one writer busy.
+/// Every this many flushes the event counts of open sessions are saved (new and closed
+/// sessions are saved every time): at 10,000 streams, saving every count every second
+/// would keep SQLite's one writer busy.
 const REAP_EVERY: u32 = 10;
 
 /// Saves new sessions (and, with `refresh_counts`, the counts of open ones), then the
@@ -29,7 +34,31 @@ pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Resul
     let _flushing = service.inner.flushing.lock().await;
     // Tallies first: a stream closing after this is still open in the snapshot below, and
     // its end is saved next time.
-    let (tallies, lost_rows) = ledger.take();
+    let (mut tallies, lost_rows) = ledger.take();
+    let now = now_millis();
+    let rejoined = match store
+        .heartbeat(hub.instance_id(), service.inner.started_at, now)
+        .await
+        .doing("write this instance's heartbeat")
+    {
+        Ok(rejoined) => rejoined,
+        Err(error) => {
+            ledger.restore(tallies, lost_rows);
+            return Err(error);
+        }
+    };
+    if rejoined && service.inner.joined.swap(true, Relaxed) {
+        // Frozen past the client timeout: the others closed and counted our sessions.
+        // Our streams end (clients resume elsewhere from the log), and the sessions that
+        // ended meanwhile are not counted a second time.
+        tracing::warn!(
+            streams = hub.len(),
+            "this instance was declared dead while it was frozen; ending its streams"
+        );
+        hub.declared_dead();
+        tallies.closed.clear();
+        (tallies.closed_unrecorded, tallies.closed_unrecorded_ms) = (0, 0);
+    }
     let closed: HashSet<&str> = tallies
         .closed
         .iter()
@@ -50,12 +79,7 @@ pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Resul
             client.mark_saved(session.events_sent as u64);
         }
         store
-            .flush(
-                hub.instance_id(),
-                service.inner.started_at,
-                now_millis(),
-                &tallies,
-            )
+            .flush(&tallies)
             .await
             .doing("save counts and ended sessions")?;
         if lost_rows {
@@ -90,6 +114,9 @@ pub(super) async fn flush_loop(service: EventService) {
     let mut count = 0u32;
     let mut failing = false;
     let mut churned_through = 0;
+    // Dead instances are looked for twice per client timeout (at most every 10 s), so
+    // their sessions close within about 1.5 timeouts.
+    let reap_every = (service.config().client_timeout.as_secs() / 2).clamp(1, 10) as u32;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -116,6 +143,8 @@ pub(super) async fn flush_loop(service: EventService) {
                 churned_through = connections;
                 let _ = tokio::task::spawn_blocking(release_freed_memory).await;
             }
+        }
+        if count.is_multiple_of(reap_every) {
             let reaped = service.store().reap_instances(service.alive_since()).await;
             match reaped.doing("close the sessions of stopped instances") {
                 Ok(0) => {}
@@ -176,5 +205,58 @@ fn release_freed_memory() {
     // no pointers and is safe to call from any thread at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Passes the bus's wake-ups to the publisher (as the highest id committed anywhere),
+/// reconnecting with backoff while it is down (`/readyz` says so meanwhile). After every
+/// (re)connection it reads the log's last id, so nothing committed while it was not
+/// listening is missed.
+pub(super) async fn bus_loop(
+    service: EventService,
+    mut bus: impl Bus,
+    committed: watch::Sender<i64>,
+) {
+    let shutdown = service.inner.shutdown.clone();
+    let down = &service.inner.bus_down;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let wake = tokio::select! {
+            wake = bus.next() => wake,
+            () = shutdown.cancelled() => return,
+        };
+        let through = match wake {
+            Ok(Wake::Committed(id)) => Ok(id),
+            Ok(Wake::Resync) => service
+                .store()
+                .event_horizon()
+                .await
+                .map(|(last, _)| last)
+                .doing("read the last event id after listening again"),
+            Err(error) => Err(error).doing("listen for other instances' events"),
+        };
+        match through {
+            Ok(id) => {
+                if down.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("listening to the other instances");
+                }
+                delay = Duration::from_millis(100);
+                committed.send_if_modified(|seen| {
+                    let newer = id > *seen;
+                    *seen = (*seen).max(id);
+                    newer
+                });
+            }
+            Err(error) => {
+                if !down.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::error!(%error, "will reconnect");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }

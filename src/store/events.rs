@@ -14,9 +14,13 @@ pub struct NewEvent {
     pub filter: Option<String>,
     /// The key replay finds the event under (`Filter::audience`).
     pub audience: String,
-    /// Named users with no open stream on this instance: each gets a pending row unless
-    /// another live instance has a stream of theirs.
-    pub pending_candidates: Vec<String>,
+    /// The users the event names: each gets a pending row, which the instance that hands
+    /// the event to a stream of theirs settles. (Deciding "no stream anywhere" from other
+    /// instances' saved sessions would race with streams that just closed there.)
+    pub target_users: Vec<String>,
+    /// Those of them with no open stream on this instance: the answer's `pending` says
+    /// whether any of them has none on another live instance either.
+    pub absent_here: Vec<String>,
     pub created_at: i64,
 }
 
@@ -43,12 +47,16 @@ impl StoredEvent {
 }
 
 /// What an append wrote: the first id (the batch's ids are consecutive) and, per event,
-/// the users it is pending for.
+/// whether a user it names had no open stream on any live instance.
 #[derive(Debug)]
 pub struct Appended {
     pub first_id: i64,
-    pub pending: Vec<Vec<String>>,
+    pub pending: Vec<bool>,
 }
+
+/// The Postgres channel on which every committed batch is announced, with the payload
+/// `<first id>:<last id>`, so that every instance hands those events to its streams.
+pub const ANNOUNCE_CHANNEL: &str = "nomey_sse_events";
 
 const EVENT_COLUMNS: &str = "event_id, kind, data, filter, created_at";
 
@@ -73,11 +81,10 @@ impl Store {
         .await?;
         let first_id = last - batch.len() as i64 + 1;
 
-        // Users with a stream on another live instance are not pending: that instance
-        // delivers to them.
+        // Whether a user is away everywhere only shapes the answer: rows are stored for all.
         let mut candidates: Vec<&str> = batch
             .iter()
-            .flat_map(|e| e.pending_candidates.iter().map(String::as_str))
+            .flat_map(|e| e.absent_here.iter().map(String::as_str))
             .collect();
         candidates.sort_unstable();
         candidates.dedup();
@@ -101,15 +108,9 @@ impl Store {
             }
             elsewhere.extend(query.fetch_all(&mut *tx).await?);
         }
-        let pending: Vec<Vec<String>> = batch
+        let pending: Vec<bool> = batch
             .iter()
-            .map(|e| {
-                e.pending_candidates
-                    .iter()
-                    .filter(|u| !elsewhere.contains(*u))
-                    .cloned()
-                    .collect()
-            })
+            .map(|e| e.absent_here.iter().any(|u| !elsewhere.contains(u)))
             .collect();
 
         for (n, chunk) in batch.chunks(CHUNK_PARAMS / 6).enumerate() {
@@ -131,10 +132,14 @@ impl Store {
             query.execute(&mut *tx).await?;
         }
 
-        let rows: Vec<(&str, i64)> = pending
+        let rows: Vec<(&str, i64)> = batch
             .iter()
             .enumerate()
-            .flat_map(|(i, users)| users.iter().map(move |u| (u.as_str(), first_id + i as i64)))
+            .flat_map(|(i, e)| {
+                e.target_users
+                    .iter()
+                    .map(move |u| (u.as_str(), first_id + i as i64))
+            })
             .collect();
         for chunk in rows.chunks(CHUNK_PARAMS / 2) {
             let sql = format!(
@@ -146,6 +151,14 @@ impl Store {
                 query = query.bind(*user).bind(*id);
             }
             query.execute(&mut *tx).await?;
+        }
+        if self.backend == super::Backend::Postgres {
+            // Sent at commit, once per batch: commits that notify are serialized.
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(ANNOUNCE_CHANNEL)
+                .bind(format!("{first_id}:{last}"))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(Appended { first_id, pending })

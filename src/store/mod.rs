@@ -18,7 +18,7 @@ use sqlx::{
     migrate::Migrator,
 };
 
-pub use events::{NewEvent, StoredEvent};
+pub use events::{ANNOUNCE_CHANNEL, NewEvent, StoredEvent};
 pub use sessions::{SessionRecord, Tallies, Totals};
 
 use crate::config::DatabaseUrl;
@@ -105,6 +105,44 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Holds an SQLite file for one instance (an advisory lock on `<file>.lock`, released
+/// when dropped). SQLite serves one instance: several would each deliver only their own
+/// events live. Postgres is the store for several instances.
+#[derive(Debug)]
+pub struct SoleUse(#[allow(dead_code)] Option<std::fs::File>);
+
+impl SoleUse {
+    /// Takes the lock for an SQLite file; nothing for Postgres or an in-memory store.
+    pub fn take(url: &DatabaseUrl) -> Result<Self, String> {
+        let DatabaseUrl::Sqlite(url) = url else {
+            return Ok(Self(None));
+        };
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Ok(Self(None));
+        }
+        let path = url
+            .trim_start_matches("sqlite:")
+            .trim_start_matches("//")
+            .split('?')
+            .next()
+            .unwrap_or_default();
+        let lock_path = format!("{path}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("could not open {lock_path}: {e}"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self(Some(file))),
+            Err(_) => Err(format!(
+                "another nomey-sse instance already uses the SQLite file {path}; SQLite serves one \
+                 instance: to run several, give them one Postgres database (DATABASE_URL=postgres://…)"
+            )),
+        }
     }
 }
 

@@ -135,15 +135,24 @@ impl Store {
         Ok(())
     }
 
-    /// Saves one instance's heartbeat, closed sessions and tallies in one transaction.
-    pub async fn flush(
+    /// Writes an instance's heartbeat. Returns `true` when its row had to be created: at
+    /// its first heartbeat, or after other instances declared it dead (a freeze longer
+    /// than `CLIENT_TIMEOUT_MS`) and closed its sessions.
+    pub async fn heartbeat(
         &self,
         instance_id: &str,
         started_at: i64,
         now: i64,
-        tallies: &Tallies,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+    ) -> Result<bool, sqlx::Error> {
+        let updated = sqlx::query("update instance set heartbeat_at = $2 where instance_id = $1")
+            .bind(instance_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if updated > 0 {
+            return Ok(false);
+        }
         sqlx::query(
             "insert into instance (instance_id, started_at, heartbeat_at) values ($1, $2, $3) \
              on conflict (instance_id) do update set heartbeat_at = excluded.heartbeat_at",
@@ -151,8 +160,14 @@ impl Store {
         .bind(instance_id)
         .bind(started_at)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
+        Ok(true)
+    }
+
+    /// Saves one instance's closed sessions and tallies in one transaction.
+    pub async fn flush(&self, tallies: &Tallies) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin_write().await?;
         for chunk in tallies.closed.chunks(SESSION_BATCH) {
             upsert_sessions(&mut tx, chunk.iter()).await?;
         }
@@ -199,6 +214,15 @@ impl Store {
         const ORPHANED: &str = "disconnected_at is null and instance_id not in \
                                 (select instance_id from instance where heartbeat_at > $1)";
         let mut tx = self.begin_write().await?;
+        if self.backend == super::Backend::Postgres {
+            // Lock the dead rows first: a heartbeat racing with this waits, then finds its
+            // row gone and knows it was declared dead, rather than living on with its
+            // sessions closed.
+            sqlx::query("select instance_id from instance where heartbeat_at <= $1 for update")
+                .bind(alive_since)
+                .fetch_all(&mut *tx)
+                .await?;
+        }
         let (closed, duration_ms): (i64, i64) = sqlx::query_as(&format!(
             "select count(*), cast(coalesce(sum({END} - connected_at), 0) as bigint) \
              from client_session where {ORPHANED}"

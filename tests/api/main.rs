@@ -6,6 +6,7 @@ mod delivery;
 mod helpers;
 mod history;
 mod hostile;
+mod instances;
 mod monitoring;
 mod postgres;
 mod process;

@@ -352,7 +352,11 @@ async fn a_database_lost_while_running_refuses_publishes_keeps_streams_and_recov
         server.post_notify(&body).await.status() == StatusCode::ACCEPTED
     })
     .await;
-    assert_eq!(server.status("/readyz").await, StatusCode::OK);
+    // The bus reconnects with backoff after the database, so readiness may follow later.
+    eventually("ready again", || async {
+        server.status("/readyz").await == StatusCode::OK
+    })
+    .await;
     let mut text = String::new();
     while !text.contains("id: 1\n") {
         let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
@@ -521,4 +525,96 @@ async fn a_subscriber_token_never_appears_in_the_logs() {
     );
     let signature = token.rsplit('.').next().unwrap();
     assert!(!text.contains(signature), "the token leaked: {text}");
+}
+
+#[tokio::test]
+async fn an_instance_frozen_past_the_timeout_ends_its_streams_and_nothing_is_lost_or_counted_twice()
+{
+    use futures_util::StreamExt;
+    let db = TestDb::postgres().await;
+    let vars = [("CLIENT_TIMEOUT_MS", "1500"), ("PING_INTERVAL_MS", "300")];
+    let frozen = Server::start(&db.url, &vars).await;
+    let survivor = Server::start(&db.url, &vars).await;
+    let response = frozen
+        .http
+        .get(frozen.url("/api/sse?userId=f"))
+        .send()
+        .await
+        .unwrap();
+    let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let mut received = Vec::new();
+    // The parser repeats the last id on later events: only stored events count.
+    let stored = |event: eventsource_stream::Event, received: &mut Vec<i64>| {
+        if event.event == "n" {
+            received.push(event.id.parse::<i64>().unwrap());
+        }
+    };
+    let mut published = vec![
+        survivor.notify("f", json!("before")).await["eventId"]
+            .as_i64()
+            .unwrap(),
+    ];
+    while received.is_empty() {
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        stored(event, &mut received);
+    }
+
+    frozen.signal("STOP");
+    eventually(
+        "the survivor declares it dead and closes its sessions",
+        || async {
+            let alive: i64 = sqlx::query_scalar("select count(*) from instance")
+                .fetch_one(&mut db.connect().await)
+                .await
+                .unwrap();
+            alive == 1
+        },
+    )
+    .await;
+    for n in 0..3 {
+        published.push(
+            survivor.notify("f", json!(n)).await["eventId"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    frozen.signal("CONT");
+
+    // Thawed, it may still hand over what it learns, then it ends the stream.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Ok(Some(Ok(event))) = tokio::time::timeout_at(deadline, events.next()).await {
+        stored(event, &mut received);
+    }
+    assert!(
+        tokio::time::Instant::now() < deadline,
+        "the thawed instance kept its stream"
+    );
+    let last = received.last().unwrap().to_string();
+    let response = survivor
+        .http
+        .get(survivor.url("/api/sse?userId=f"))
+        .header("Last-Event-ID", &last)
+        .send()
+        .await
+        .unwrap();
+    let mut resumed = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    while received.len() < published.len() {
+        let event = tokio::time::timeout(PATIENCE, resumed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        stored(event, &mut received);
+    }
+    assert_eq!(received, published, "every event, once, in order");
+    // One live session, counted once, wherever it is.
+    eventually("the stats count the one open stream", || async {
+        let (s, f) = (survivor.stats().await, frozen.stats().await);
+        s["totalClients"] == 1 && f["totalClients"] == 1 && s["instances"] == 2
+    })
+    .await;
 }

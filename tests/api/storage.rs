@@ -13,7 +13,8 @@ fn event(data: &str, filter: Option<&str>, candidates: &[&str]) -> NewEvent {
         data: data.into(),
         filter: filter.map(String::from),
         audience: "x".into(),
-        pending_candidates: candidates.iter().map(|u| u.to_string()).collect(),
+        target_users: candidates.iter().map(|u| u.to_string()).collect(),
+        absent_here: candidates.iter().map(|u| u.to_string()).collect(),
         created_at: now_millis(),
     }
 }
@@ -33,11 +34,9 @@ fn session(client: &str, instance: &str, user: &str, closed: Option<i64>) -> Ses
 }
 
 async fn heartbeat(store: &Store, instance: &str, sessions: &[SessionRecord]) {
+    store.heartbeat(instance, 0, now_millis()).await.unwrap();
     store.save_sessions(sessions).await.unwrap();
-    store
-        .flush(instance, 0, now_millis(), &Tallies::default())
-        .await
-        .unwrap();
+    store.flush(&Tallies::default()).await.unwrap();
 }
 
 on_both_backends! {
@@ -85,7 +84,7 @@ on_both_backends! {
         assert_eq!(store.events_between(0, i64::MAX, 1000).await.unwrap().len(), 160);
     }
 
-    async fn users_with_a_stream_on_another_live_instance_get_no_pending_row(backend: Backend) {
+    async fn every_named_user_gets_a_pending_row_and_pending_says_whether_one_is_away_everywhere(backend: Backend) {
         let db = backend.db().await;
         let store = db.store().await;
         heartbeat(&store, "other", &[session("c1", "other", "online", None)]).await;
@@ -95,17 +94,20 @@ on_both_backends! {
             .await
             .unwrap();
 
-        assert_eq!(appended.pending, [vec!["offline".to_string()]]);
-        assert_eq!(store.pending_count().await.unwrap(), 1);
+        assert_eq!(appended.pending, [true], "offline is away everywhere");
+        // Rows for both: the instance that hands the event to a stream settles its row.
+        assert_eq!(store.pending_count().await.unwrap(), 2);
         let pending = store.pending_between("offline", 0, i64::MAX, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].data, "p");
-        assert!(store.pending_between("online", 0, i64::MAX, 10).await.unwrap().is_empty());
+        assert_eq!(store.pending_between("online", 0, i64::MAX, 10).await.unwrap().len(), 1);
 
+        let appended = store.append(&[event("q", None, &["online"])], "me", 0).await.unwrap();
+        assert_eq!(appended.pending, [false], "online has a stream on another instance");
         // Once the other instance stops heart-beating, its streams no longer count.
         let later = now_millis() + 1;
-        let appended = store.append(&[event("q", None, &["online"])], "me", later).await.unwrap();
-        assert_eq!(appended.pending, [vec!["online".to_string()]]);
+        let appended = store.append(&[event("r", None, &["online"])], "me", later).await.unwrap();
+        assert_eq!(appended.pending, [true]);
     }
 
     async fn settled_pending_rows_are_deleted_by_a_flush(backend: Backend) {
@@ -115,7 +117,7 @@ on_both_backends! {
         assert_eq!(store.pending_count().await.unwrap(), 3);
 
         let tallies = Tallies { settled: vec![("u".into(), 1), ("u".into(), 2)], ..Tallies::default() };
-        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
+        store.flush(&tallies).await.unwrap();
 
         assert_eq!(store.pending_count().await.unwrap(), 1);
         assert_eq!(store.pending_between("v", 0, 10, 10).await.unwrap()[0].event_id, 2);
@@ -128,10 +130,10 @@ on_both_backends! {
         let open = session("c1", "me", "u", None);
         let tallies = Tallies { events_sent: 5, connections: 2, last_event_at: Some(2_000), ..Tallies::default() };
         store.save_sessions(std::slice::from_ref(&open)).await.unwrap();
-        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
+        store.flush(&tallies).await.unwrap();
         let closed = SessionRecord { disconnected_at: Some(4_000), events_sent: 5, ..open.clone() };
         let tallies = Tallies { events_sent: 1, closed: vec![closed.clone()], last_event_at: Some(1_500), ..Tallies::default() };
-        store.flush("me", 0, now_millis(), &tallies).await.unwrap();
+        store.flush(&tallies).await.unwrap();
 
         let totals = store.totals().await.unwrap();
         assert_eq!(totals.events_sent, 6);

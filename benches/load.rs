@@ -82,6 +82,17 @@ async fn main() -> Result<(), Error> {
             )
             .await
         }
+        "bus" => {
+            let sub_url = flags.get("sub-url").map_or(url.clone(), |u| u.trim_end_matches('/').to_owned());
+            bus(
+                &url,
+                &sub_url,
+                number("streams", 100)?,
+                number("rate", 1000)?,
+                number("seconds", 10)?,
+            )
+            .await
+        }
         "replay" => {
             replay(
                 &url,
@@ -270,6 +281,125 @@ async fn publish(
         total as f64 / elapsed,
         ms(latencies[total / 2]),
         ms(latencies[total * 99 / 100])
+    );
+    Ok(())
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// A stream that reports, for each `bus` event, how long after its `sent` stamp it came.
+async fn timed_stream(addr: String, user: usize, ready: mpsc::Sender<()>, seen: mpsc::UnboundedSender<u64>) {
+    let Ok(mut socket) = TcpStream::connect(&addr).await else {
+        return;
+    };
+    let request = format!("GET /api/sse?userId=b{user} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    if socket.write_all(request.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 8192];
+    let mut carry = String::new();
+    let mut connected = false;
+    while let Ok(n) = socket.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        let now = unix_micros();
+        carry.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !connected && carry.contains("event: connected") {
+            connected = true;
+            let _ = ready.send(()).await;
+        }
+        while let Some(at) = carry.find("\"sent\":") {
+            let rest = &carry[at + 7..];
+            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            if end == rest.len() {
+                break;
+            }
+            if let Ok(sent) = rest[..end].parse::<u64>() {
+                let _ = seen.send(now.saturating_sub(sent));
+            }
+            carry.drain(..at + 7 + end);
+        }
+        if carry.len() > 4096 {
+            carry.drain(..carry.len() - 64);
+        }
+    }
+}
+
+/// Streams on one instance (`sub_url`), user-targeted publishes to another (`url`): the
+/// publish-to-receive latency through the bus, at a steady rate (or as fast as 32
+/// publishers go, with `--rate 0`).
+async fn bus(url: &str, sub_url: &str, streams: usize, rate: usize, seconds: usize) -> Result<(), Error> {
+    let addr = host_port(sub_url);
+    let (ready_tx, mut ready_rx) = mpsc::channel(streams);
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    for user in 0..streams {
+        tokio::spawn(timed_stream(addr.clone(), user, ready_tx.clone(), seen_tx.clone()));
+    }
+    for _ in 0..streams {
+        ready_rx.recv().await.ok_or("a stream failed to connect")?;
+    }
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds as u64);
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publishers = if rate == 0 { 32 } else { 4 };
+    let tasks: Vec<_> = (0..publishers)
+        .map(|task| {
+            let (http, url, sent) = (http.clone(), format!("{url}/api/sse/notify"), sent.clone());
+            tokio::spawn(async move {
+                let mut n = task;
+                let mut ticks = (rate > 0).then(|| {
+                    let mut t = tokio::time::interval(Duration::from_secs_f64(publishers as f64 / rate as f64));
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    t
+                });
+                while Instant::now() < deadline {
+                    if let Some(ticks) = &mut ticks {
+                        ticks.tick().await;
+                    }
+                    let body = serde_json::json!({
+                        "filter": { "userId": format!("b{}", n % streams) },
+                        "event": "bus",
+                        "data": { "sent": unix_micros() },
+                    });
+                    let response = http.post(&url).json(&body).send().await?;
+                    if response.status() != reqwest::StatusCode::ACCEPTED {
+                        return Err::<(), Error>(format!("publish refused: {}", response.status()).into());
+                    }
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    n += publishers;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let published = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let publish_secs = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::with_capacity(published);
+    while latencies.len() < published {
+        match tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await {
+            Ok(Some(micros)) => latencies.push(micros),
+            _ => break,
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "bus: {published} events published to {url} in {publish_secs:.1} s ({:.0}/s), {} received on {sub_url}; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        published as f64 / publish_secs,
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
     );
     Ok(())
 }

@@ -293,7 +293,12 @@ fn unix_micros() -> u64 {
 }
 
 /// A stream that reports, for each `bus` event, how long after its `sent` stamp it came.
-async fn timed_stream(addr: String, user: usize, ready: mpsc::Sender<()>, seen: mpsc::UnboundedSender<u64>) {
+async fn timed_stream(
+    addr: String,
+    user: usize,
+    ready: mpsc::Sender<()>,
+    seen: mpsc::UnboundedSender<u64>,
+) {
     let Ok(mut socket) = TcpStream::connect(&addr).await else {
         return;
     };
@@ -316,7 +321,9 @@ async fn timed_stream(addr: String, user: usize, ready: mpsc::Sender<()>, seen: 
         }
         while let Some(at) = carry.find("\"sent\":") {
             let rest = &carry[at + 7..];
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if end == rest.len() {
                 break;
             }
@@ -334,12 +341,23 @@ async fn timed_stream(addr: String, user: usize, ready: mpsc::Sender<()>, seen: 
 /// Streams on one instance (`sub_url`), user-targeted publishes to another (`url`): the
 /// publish-to-receive latency through the bus, at a steady rate (or as fast as 32
 /// publishers go, with `--rate 0`).
-async fn bus(url: &str, sub_url: &str, streams: usize, rate: usize, seconds: usize) -> Result<(), Error> {
+async fn bus(
+    url: &str,
+    sub_url: &str,
+    streams: usize,
+    rate: usize,
+    seconds: usize,
+) -> Result<(), Error> {
     let addr = host_port(sub_url);
     let (ready_tx, mut ready_rx) = mpsc::channel(streams);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     for user in 0..streams {
-        tokio::spawn(timed_stream(addr.clone(), user, ready_tx.clone(), seen_tx.clone()));
+        tokio::spawn(timed_stream(
+            addr.clone(),
+            user,
+            ready_tx.clone(),
+            seen_tx.clone(),
+        ));
     }
     for _ in 0..streams {
         ready_rx.recv().await.ok_or("a stream failed to connect")?;
@@ -355,7 +373,9 @@ async fn bus(url: &str, sub_url: &str, streams: usize, rate: usize, seconds: usi
             tokio::spawn(async move {
                 let mut n = task;
                 let mut ticks = (rate > 0).then(|| {
-                    let mut t = tokio::time::interval(Duration::from_secs_f64(publishers as f64 / rate as f64));
+                    let mut t = tokio::time::interval(Duration::from_secs_f64(
+                        publishers as f64 / rate as f64,
+                    ));
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                     t
                 });
@@ -370,7 +390,9 @@ async fn bus(url: &str, sub_url: &str, streams: usize, rate: usize, seconds: usi
                     });
                     let response = http.post(&url).json(&body).send().await?;
                     if response.status() != reqwest::StatusCode::ACCEPTED {
-                        return Err::<(), Error>(format!("publish refused: {}", response.status()).into());
+                        return Err::<(), Error>(
+                            format!("publish refused: {}", response.status()).into(),
+                        );
                     }
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     n += publishers;
@@ -392,7 +414,13 @@ async fn bus(url: &str, sub_url: &str, streams: usize, rate: usize, seconds: usi
         }
     }
     latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     println!(
         "bus: {published} events published to {url} in {publish_secs:.1} s ({:.0}/s), {} received on {sub_url}; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         published as f64 / publish_secs,

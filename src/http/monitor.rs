@@ -189,7 +189,7 @@ pub async fn get_health() -> Json<Probe> {
 #[utoipa::path(get, path = "/readyz", tag = "monitor",
     responses(
         (status = 200, description = "The database answers (and, on Postgres, this instance listens to the others)", body = Probe),
-        (status = 503, description = "The database is unavailable", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or the bus to the other instances is down", body = ErrorBody),
     ))]
 pub async fn get_readiness(State(state): State<AppState>) -> Result<Json<Probe>> {
     match state.events.ready().await {

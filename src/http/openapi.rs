@@ -17,6 +17,7 @@ use super::{AppState, monitor, publish, stream, web};
         publish::notify_clients,
         publish::broadcast_event,
         publish::send_test_notification,
+        publish::publish_batch,
         monitor::list_clients,
         monitor::get_stats,
         monitor::get_metrics,

@@ -1,7 +1,7 @@
 //! `POST /api/sse/notify`, `/broadcast` and `/test`: thin shells over `EventService`.
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
@@ -9,7 +9,7 @@ use super::{AppState, Error, ErrorBody, JsonBody, Result};
 use crate::{
     event,
     filter::{Filter, check_id},
-    service::Published,
+    service::{MAX_BATCH_EVENTS, Published},
 };
 
 pub fn router() -> Router<AppState> {
@@ -17,6 +17,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/sse/notify", post(notify_clients))
         .route("/api/sse/broadcast", post(broadcast_event))
         .route("/api/sse/test", post(send_test_notification))
+        .route("/api/sse/batch", post(publish_batch))
 }
 
 type Accepted = (StatusCode, Json<Published>);
@@ -40,6 +41,34 @@ pub struct NewBroadcast {
     event: String,
     /// Any JSON value, at most 64 KiB once serialized.
     data: Value,
+}
+
+/// Many events, stored in one transaction (all or none).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBatch {
+    /// Read one by one, so that an error names the event's index.
+    #[schema(value_type = Vec<BatchItem>, min_items = 1, max_items = 1000)]
+    events: Vec<Value>,
+}
+
+/// One event of a batch: a notification, or a broadcast without `filter`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    #[serde(default)]
+    #[schema(nullable = false)]
+    filter: Option<Filter>,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+    event: String,
+    /// Any JSON value, at most 64 KiB once serialized.
+    data: Value,
+}
+
+/// The results of a batch, one per event, in order.
+#[derive(Serialize, ToSchema)]
+pub struct BatchResults {
+    results: Vec<Published>,
 }
 
 /// The seed's demo notification.
@@ -97,6 +126,61 @@ pub async fn broadcast_event(
 ) -> Result<Accepted> {
     let published = state.events.broadcast(&body.event, &body.data).await?;
     Ok((StatusCode::ACCEPTED, Json(published)))
+}
+
+/// Stores many events in one transaction, then dispatches them in order.
+#[utoipa::path(post, path = "/api/sse/batch", request_body = NewBatch, tag = "publish",
+    responses(
+        (status = 202, description = "All stored, ids increasing, each handed to this instance's matching streams", body = BatchResults),
+        (status = 400, description = "A bad body, or one bad event (named by its index): nothing is stored", body = ErrorBody),
+        (status = 401, description = "The publish key is missing or wrong", body = ErrorBody),
+        (status = 413, description = "An event's data or the body is too large", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or the service is stopping", body = ErrorBody),
+    ),
+    security((), ("publish_key" = [])))]
+pub async fn publish_batch(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<NewBatch>,
+) -> Result<(StatusCode, Json<BatchResults>)> {
+    if body.events.is_empty() || body.events.len() > MAX_BATCH_EVENTS {
+        return Err(Error::bad_request(
+            "invalid_body",
+            format!("events: 1 to {MAX_BATCH_EVENTS} events"),
+        ));
+    }
+    let mut items = Vec::with_capacity(body.events.len());
+    for (i, value) in body.events.into_iter().enumerate() {
+        let item: BatchItem = match value {
+            Value::Object(ref map) if map.get("filter").is_some_and(Value::is_null) => {
+                return Err(Error::bad_request(
+                    "invalid_body",
+                    format!(
+                        "events[{i}].filter: leave it out for a broadcast; null is not a filter"
+                    ),
+                ));
+            }
+            Value::Object(_) => serde_json::from_value(value)
+                .map_err(|e| Error::bad_request("invalid_body", format!("events[{i}]: {e}")))?,
+            _ => {
+                return Err(Error::bad_request(
+                    "invalid_body",
+                    format!("events[{i}]: must be a JSON object"),
+                ));
+            }
+        };
+        if let Some(error) = item.filter.as_ref().and_then(|f| f.validate().err()) {
+            return Err(Error::bad_request(
+                "invalid_filter",
+                format!("events[{i}].filter: {error}"),
+            ));
+        }
+        items.push(item);
+    }
+    let events = items
+        .iter()
+        .map(|e| (e.filter.clone(), e.event.as_str(), &e.data));
+    let results = state.events.batch(events).await?;
+    Ok((StatusCode::ACCEPTED, Json(BatchResults { results })))
 }
 
 /// The seed's demo route: a `notification` to one user.

@@ -260,25 +260,51 @@ impl EventService {
         self.publish(None, event, data).await
     }
 
+    /// Sends several events, stored in one transaction (all or none) and dispatched in
+    /// order; `None` as a filter means everyone. One invalid event refuses the whole batch,
+    /// naming its index.
+    pub async fn batch<'a, T: Serialize + ?Sized + 'a>(
+        &self,
+        events: impl IntoIterator<Item = (Option<Filter>, &'a str, &'a T)>,
+    ) -> Result<Vec<Published>, PublishError> {
+        let events = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, (filter, event, data))| {
+                if let Some(filter) = &filter {
+                    filter
+                        .validate()
+                        .map_err(|e| PublishError::Invalid(format!("events[{i}].filter: {e}")))?;
+                }
+                prepare(filter, event, data).map_err(|error| match error {
+                    PublishError::Invalid(e) => PublishError::Invalid(format!("events[{i}]: {e}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if events.is_empty() || events.len() > MAX_BATCH_EVENTS {
+            return Err(PublishError::Invalid(format!(
+                "a batch holds 1 to {MAX_BATCH_EVENTS} events"
+            )));
+        }
+        self.send(events).await
+    }
+
     async fn publish<T: Serialize + ?Sized>(
         &self,
         filter: Option<Filter>,
         event: &str,
         data: &T,
     ) -> Result<Published, PublishError> {
-        let kind = EventName::parse(event).map_err(PublishError::Invalid)?;
-        // Serialized once here; every recipient shares the encoded frame.
-        let data = serde_json::to_string(data)?;
-        if data.len() > MAX_DATA_BYTES {
-            return Err(PublishError::TooLarge);
-        }
+        let mut published = self.send(vec![prepare(filter, event, data)?]).await?;
+        // One event in, one result out.
+        Ok(published.remove(0))
+    }
+
+    async fn send(&self, events: Vec<publisher::Prepared>) -> Result<Vec<Published>, PublishError> {
+        let count = events.len() as u64;
         let (reply, answer) = oneshot::channel();
-        let request = publisher::Request {
-            kind,
-            data,
-            filter,
-            reply,
-        };
+        let request = publisher::Request { events, reply };
         self.inner
             .requests
             .send(request)
@@ -289,7 +315,7 @@ impl EventService {
             Ok(_) => &self.inner.metrics.events_published,
             Err(_) => &self.inner.metrics.publish_failures,
         };
-        counter.fetch_add(1, Relaxed);
+        counter.fetch_add(count, Relaxed);
         result
     }
 
@@ -344,6 +370,23 @@ impl EventService {
             tracing::error!(%error, "at shutdown");
         }
     }
+}
+
+/// Most events one batch may hold.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+/// Checks an event's name and serializes its data once: every recipient shares the frame.
+fn prepare<T: Serialize + ?Sized>(
+    filter: Option<Filter>,
+    event: &str,
+    data: &T,
+) -> Result<publisher::Prepared, PublishError> {
+    let kind = EventName::parse(event).map_err(PublishError::Invalid)?;
+    let data = serde_json::to_string(data)?;
+    if data.len() > MAX_DATA_BYTES {
+        return Err(PublishError::TooLarge);
+    }
+    Ok(publisher::Prepared { kind, data, filter })
 }
 
 /// A filter as the log stores it: JSON, or null for a broadcast.

@@ -23,12 +23,18 @@ const GAP_PAGE: i64 = 1000;
 /// Reads of a catch-up page before giving up on it (waiting 50, 100, 200 ms between).
 const CATCH_UP_TRIES: u32 = 4;
 
-pub(super) struct Request {
+/// An event checked and serialized, ready to store.
+pub(super) struct Prepared {
     pub kind: EventName,
     /// Serialized JSON.
     pub data: String,
     pub filter: Option<Filter>,
-    pub reply: oneshot::Sender<Result<Published, PublishError>>,
+}
+
+/// One publish: one event, or a batch stored all or none.
+pub(super) struct Request {
+    pub events: Vec<Prepared>,
+    pub reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
 }
 
 /// Stores and dispatches publishes; between them, hands this instance's streams what
@@ -69,8 +75,12 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     let now = now_millis();
     // The data moves into the record: it is stored, then encoded once from there. The
     // filter is serialized once, for the store and the log line.
-    let (records, targets): (Vec<NewEvent>, Vec<_>) = batch
-        .into_iter()
+    let mut replies = Vec::with_capacity(batch.len());
+    let prepared = batch.into_iter().flat_map(|r| {
+        replies.push((r.events.len(), r.reply));
+        r.events
+    });
+    let (records, filters): (Vec<NewEvent>, Vec<_>) = prepared
         .map(|r| {
             let target_users = r
                 .filter
@@ -94,7 +104,7 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
                 target_users,
                 created_at: now,
             };
-            (record, (r.filter, r.reply))
+            (record, r.filter)
         })
         .unzip();
     let appended = match service
@@ -106,15 +116,16 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
         Ok(appended) => appended,
         Err(error) => {
             tracing::error!(%error, events = records.len());
-            for (_, reply) in targets {
+            for (_, reply) in replies {
                 let _ = reply.send(Err(PublishError::Unavailable(error.clone())));
             }
             return;
         }
     };
     catch_up(service, appended.first_id - 1).await;
-    let published = records.iter().zip(targets).zip(appended.pending);
-    for (i, ((record, (filter, reply)), pending)) in published.enumerate() {
+    let mut results = Vec::with_capacity(records.len());
+    let published = records.iter().zip(&filters).zip(appended.pending);
+    for (i, ((record, filter), pending)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
         let delivered = hub.dispatch(&Dispatch {
             id: event_id,
@@ -130,11 +141,15 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
             pending,
             "event published"
         );
-        let _ = reply.send(Ok(Published {
+        results.push(Published {
             event_id,
             delivered,
             pending,
-        }));
+        });
+    }
+    let mut results = results.into_iter();
+    for (count, reply) in replies {
+        let _ = reply.send(Ok(results.by_ref().take(count).collect()));
     }
 }
 

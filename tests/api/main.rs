@@ -2,6 +2,7 @@
 //! fresh Postgres database per test.
 
 mod auth;
+mod batch;
 mod delivery;
 mod helpers;
 mod history;

@@ -618,3 +618,55 @@ async fn an_instance_frozen_past_the_timeout_ends_its_streams_and_nothing_is_los
     })
     .await;
 }
+
+#[tokio::test]
+async fn two_server_processes_deliver_each_others_events_live_once() {
+    use futures_util::StreamExt;
+    let db = TestDb::postgres().await;
+    let a = Server::start(&db.url, &[]).await;
+    let b = Server::start(&db.url, &[]).await;
+    let mut streams = Vec::new();
+    for server in [&a, &b] {
+        let response = server
+            .http
+            .get(server.url("/api/sse?userId=p"))
+            .send()
+            .await
+            .unwrap();
+        let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+        let connected = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(connected.event, "connected");
+        streams.push(events);
+    }
+    let mut published = Vec::new();
+    for (n, server) in [&b, &a, &b, &a].into_iter().enumerate() {
+        let started = tokio::time::Instant::now();
+        let id = server.notify("p", json!(n)).await["eventId"]
+            .as_i64()
+            .unwrap();
+        published.push(id);
+        for events in &mut streams {
+            let event = loop {
+                let event = tokio::time::timeout(PATIENCE, events.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                if event.event == "n" {
+                    break event;
+                }
+            };
+            assert_eq!(event.id, id.to_string(), "each event once, in order");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(published.windows(2).all(|w| w[0] < w[1]));
+}

@@ -68,6 +68,13 @@ impl Drop for FileGuard {
 #[derive(Clone, Debug)]
 pub struct ConnectionHandle(pub CancellationToken);
 
+/// When a request began to arrive, as near as the server knows: the connection's accept
+/// for its first request, else the moment its headers were complete. The request read
+/// (`REQUEST_TIMEOUT_MS`) is measured from here, so that slow headers and a slow body
+/// together cannot hold a fresh connection for twice the limit.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestStart(pub tokio::time::Instant);
+
 /// Serves until `shutdown` fires, then waits up to `drain` for open connections to finish.
 ///
 /// `client_timeout` bounds how long data written to a connection may stay unacknowledged:
@@ -105,7 +112,15 @@ pub async fn serve(
         let kill = CancellationToken::new();
         let handle = ConnectionHandle(kill.clone());
         let router = router.clone();
+        let accepted_at = tokio::time::Instant::now();
+        let first = std::sync::atomic::AtomicBool::new(true);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let started = if first.swap(false, Relaxed) {
+                accepted_at
+            } else {
+                tokio::time::Instant::now()
+            };
+            request.extensions_mut().insert(RequestStart(started));
             request.extensions_mut().insert(handle.clone());
             router.clone().oneshot(request.map(Body::new))
         });

@@ -20,6 +20,9 @@ use crate::{
 const DRAIN: Duration = Duration::from_secs(5);
 /// How long shutdown waits for background tasks.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
+/// The most the last save may take, so that a stop ends within 10 s even when the
+/// database hangs (`DRAIN` + this).
+const FINISH: Duration = Duration::from_secs(4);
 
 /// A bound, ready-to-run instance of the service.
 pub struct Application {
@@ -139,7 +142,12 @@ impl Application {
             DRAIN,
         )
         .await;
-        state.events.finish(TASKS_GRACE).await;
+        if tokio::time::timeout(FINISH, state.events.finish(TASKS_GRACE))
+            .await
+            .is_err()
+        {
+            tracing::error!("the last save did not finish in time; stopping without it");
+        }
         store.close().await;
         tracing::info!("nomey-sse stopped");
         Ok(())

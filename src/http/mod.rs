@@ -24,7 +24,11 @@ use tower_http::{cors::CorsLayer, trace::TraceLayer};
 
 pub use error::{Error, ErrorBody};
 
-use crate::{config::Config, server::FileBudget, service::EventService};
+use crate::{
+    config::Config,
+    server::{FileBudget, RequestStart},
+    service::EventService,
+};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -126,8 +130,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if announced.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
             return Err(too_large());
         }
+        let started = req
+            .extensions()
+            .get::<RequestStart>()
+            .map_or_else(tokio::time::Instant::now, |start| start.0);
         let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
-        let body = tokio::time::timeout(state.config.request_timeout, read)
+        let body = tokio::time::timeout_at(started + state.config.request_timeout, read)
             .await
             .map_err(|_| Error::RequestTimeout)?
             .map_err(|error| {

@@ -276,3 +276,31 @@ async fn clients_come_in_pages_ordered_by_client_id() {
     assert_eq!(default["nextAfter"], Value::Null);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn slow_headers_then_a_slow_body_share_one_request_deadline() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app_with(&db, &[("REQUEST_TIMEOUT_MS", "1000")]).await;
+    let started = tokio::time::Instant::now();
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"POST /api/sse/notify HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    socket
+        .write_all(b"Content-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The body had what was left of the second, not a second of its own.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "after {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}

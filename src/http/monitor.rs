@@ -1,7 +1,5 @@
 //! Monitoring: `/api/sse/clients`, `/api/sse/stats`, `/metrics`, `/healthz`, `/readyz`.
 
-use std::fmt::Write;
-
 use axum::{
     Json, Router,
     extract::{RawQuery, State},
@@ -207,86 +205,7 @@ pub async fn get_readiness(State(state): State<AppState>) -> Result<Json<Probe>>
     ),
     security((), ("publish_key" = [])))]
 pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let m = state.events.metrics();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        // Writing to a String cannot fail.
-        let _ = writeln!(
-            out,
-            "# HELP nomey_sse_{name} {help}\n# TYPE nomey_sse_{name} {kind}"
-        );
-        for (labels, value) in samples {
-            let _ = writeln!(out, "nomey_sse_{name}{labels} {value}");
-        }
-    };
-    metric(
-        "open_streams",
-        "gauge",
-        "Streams open on this instance.",
-        &[("", m.open_streams)],
-    );
-    metric(
-        "connections_total",
-        "counter",
-        "Streams opened on this instance.",
-        &[("", m.connections)],
-    );
-    metric(
-        "events_published_total",
-        "counter",
-        "Events stored and dispatched by this instance.",
-        &[("", m.events_published)],
-    );
-    metric(
-        "publish_failures_total",
-        "counter",
-        "Publishes refused because the event could not be stored.",
-        &[("", m.publish_failures)],
-    );
-    metric(
-        "events_written_total",
-        "counter",
-        "Stored events handed to connections.",
-        &[("", m.events_written)],
-    );
-    metric(
-        "frames_written_total",
-        "counter",
-        "Frames (events and heartbeats) handed to connections.",
-        &[("", m.frames_written)],
-    );
-    metric(
-        "clients_dropped_total",
-        "counter",
-        "Streams cut off by the server.",
-        &[
-            ("{reason=\"slow\"}", m.dropped_slow),
-            ("{reason=\"stale\"}", m.dropped_stale),
-            ("{reason=\"behind\"}", m.dropped_behind),
-            ("{reason=\"orphaned\"}", m.dropped_orphaned),
-        ],
-    );
-    metric(
-        "unreadable_filters_total",
-        "counter",
-        "Stored events whose filter could not be read, delivered to no one.",
-        &[("", m.unreadable_filters)],
-    );
-    metric(
-        "history_rows_read_total",
-        "counter",
-        "Event-log rows read for replay and pending delivery.",
-        &[("", m.history_rows_read)],
-    );
-    metric(
-        "unsaved_dropped_total",
-        "counter",
-        "Records not kept while the database was away: ended sessions (kept as counts) and settlements.",
-        &[
-            ("{kind=\"session\"}", m.unsaved_sessions_dropped),
-            ("{kind=\"settlement\"}", m.unsaved_settlements_dropped),
-        ],
-    );
+    let out = state.events.encode_metrics();
     (
         [(
             header::CONTENT_TYPE,

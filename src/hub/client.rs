@@ -69,6 +69,11 @@ impl Client {
         }
     }
 
+    /// Bytes waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Relaxed)
+    }
+
     /// Whether the session was already closed and counted elsewhere.
     pub fn is_forgotten(&self) -> bool {
         self.forgotten.load(Relaxed)

@@ -45,6 +45,11 @@ impl Hub {
                         ),
                     };
                     counter.fetch_add(1, Relaxed);
+                    if let CutOff::TooSlow = reason {
+                        metrics
+                            .queued_at_cutoff
+                            .observe(slot.client.queued_bytes() as f64);
+                    }
                     tracing::info!(client_id = %id, "stream cut off: {why}");
                 }
                 slot.client.kill.cancel();

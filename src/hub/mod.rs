@@ -48,8 +48,10 @@ pub enum RegisterError {
 }
 
 /// Counters for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HubMetrics {
+    /// Bytes a stream had waiting when it was cut off as too slow.
+    pub queued_at_cutoff: prometheus_client::metrics::histogram::Histogram,
     pub frames_written: AtomicU64,
     pub dropped_slow: AtomicU64,
     pub dropped_stale: AtomicU64,
@@ -145,7 +147,17 @@ impl Hub {
                 max_per_user,
                 client_timeout,
                 epoch: Instant::now(),
-                metrics: HubMetrics::default(),
+                metrics: HubMetrics {
+                    // 64 KiB to 8 MiB.
+                    queued_at_cutoff: prometheus_client::metrics::histogram::Histogram::new(
+                        prometheus_client::metrics::histogram::exponential_buckets(65536.0, 2.0, 8),
+                    ),
+                    frames_written: AtomicU64::default(),
+                    dropped_slow: AtomicU64::default(),
+                    dropped_stale: AtomicU64::default(),
+                    dropped_behind: AtomicU64::default(),
+                    dropped_orphaned: AtomicU64::default(),
+                },
             }),
         }
     }

@@ -10,6 +10,7 @@
 mod error;
 mod history;
 mod ledger;
+mod metrics;
 mod publisher;
 mod stats;
 mod stream;
@@ -103,6 +104,7 @@ struct Inner {
     joined: AtomicBool,
     started_at: i64,
     metrics: ServiceMetrics,
+    instruments: metrics::Instruments,
     ledger: Ledger,
     /// Held by a flush from taking the ledger until its transaction commits, and by the
     /// stats while they add saved and unsaved counts, so that they never see a count in
@@ -141,6 +143,7 @@ impl EventService {
                 joined: AtomicBool::new(false),
                 started_at: now_millis(),
                 metrics: ServiceMetrics::default(),
+                instruments: metrics::Instruments::default(),
                 ledger: Ledger::default(),
                 flushing: tokio::sync::Mutex::new(()),
                 shutdown,
@@ -303,6 +306,7 @@ impl EventService {
 
     async fn send(&self, events: Vec<publisher::Prepared>) -> Result<Vec<Published>, PublishError> {
         let count = events.len() as u64;
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         let request = publisher::Request { events, reply };
         self.inner
@@ -311,6 +315,10 @@ impl EventService {
             .await
             .map_err(|_| PublishError::ShuttingDown)?;
         let result = answer.await.unwrap_or(Err(PublishError::ShuttingDown));
+        self.inner
+            .instruments
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         let counter = match &result {
             Ok(_) => &self.inner.metrics.events_published,
             Err(_) => &self.inner.metrics.publish_failures,

@@ -122,6 +122,11 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
             return;
         }
     };
+    service
+        .inner
+        .instruments
+        .commit_batch
+        .observe(records.len() as f64);
     catch_up(service, appended.first_id - 1).await;
     let mut results = Vec::with_capacity(records.len());
     let published = records.iter().zip(&filters).zip(appended.pending);

@@ -219,6 +219,7 @@ on_both_backends! {
         assert_eq!(fast_received, ids, "the fast client got every event");
         let metrics = app.metrics().await;
         assert!(metrics.contains("nomey_sse_clients_dropped_total{reason=\"slow\"} 1"), "{metrics}");
+        assert!(metrics.contains("nomey_sse_cutoff_queued_bytes_count 1"), "{metrics}");
 
         // The cut-off client resumes from the last id it had and loses nothing.
         let mut resumed = app.subscribe_with("userId=u1", &[("Last-Event-ID", &ids[99].to_string())]).await;

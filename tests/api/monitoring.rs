@@ -139,6 +139,11 @@ async fn probes_and_metrics_answer() {
         "nomey_sse_events_published_total 1",
         "nomey_sse_events_written_total 1",
         "# TYPE nomey_sse_clients_dropped_total counter",
+        "# TYPE nomey_sse_publish_duration_seconds histogram",
+        "nomey_sse_publish_duration_seconds_count 1",
+        "nomey_sse_commit_batch_events_count 1",
+        "nomey_sse_commit_batch_events_sum 1.0",
+        "# TYPE nomey_sse_cutoff_queued_bytes histogram",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }

@@ -51,6 +51,9 @@ struct Unsaved {
     taken_pending: HashMap<String, HashSet<i64>>,
     /// Some ended sessions were saved as a count only: their rows still read as open.
     lost_rows: bool,
+    /// Settlements the last flush deleted in the store: forgotten here one flush later,
+    /// because a fresh stream may have read those rows just before they were deleted.
+    deleted_last: Vec<(String, i64)>,
 }
 
 impl Default for Ledger {
@@ -186,7 +189,8 @@ impl Ledger {
     /// not be remembered here.
     pub fn saved(&self, tallies: &Tallies) {
         let mut rest = self.rest();
-        for (user, id) in &tallies.settled {
+        let forget = std::mem::replace(&mut rest.deleted_last, tallies.settled.clone());
+        for (user, id) in &forget {
             if let Some(taken) = rest.taken_pending.get_mut(user) {
                 taken.remove(id);
                 if taken.is_empty() {
@@ -295,8 +299,14 @@ mod tests {
         ledger.saved(&tallies);
         assert_eq!(
             ledger.take_pending("u", &[1]),
+            [false],
+            "a stream may have read the row just before the delete"
+        );
+        ledger.saved(&Tallies::default());
+        assert_eq!(
+            ledger.take_pending("u", &[1]),
             [true],
-            "deleted in the store"
+            "deleted in the store a flush ago"
         );
     }
 }

@@ -151,7 +151,8 @@ impl EventService {
             .pending_count()
             .await
             .doing("count pending notifications")?
-            - ledger.unsaved_settlements();
+            .saturating_sub(ledger.unsaved_settlements())
+            .max(0);
         drop(flushing);
         let other_instances = store
             .other_instances(self.hub().instance_id(), self.alive_since())

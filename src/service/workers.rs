@@ -15,6 +15,7 @@ use super::{
 use crate::{
     bus::{Bus, Wake},
     event::{self, now_millis},
+    store::Tallies,
 };
 
 /// How often counts and sessions are saved (and this instance's heartbeat written).
@@ -59,52 +60,64 @@ pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Resul
         tallies.closed.clear();
         (tallies.closed_unrecorded, tallies.closed_unrecorded_ms) = (0, 0);
     }
+    // Streams that closed since the snapshot are saved as closed, not as open.
     let closed: HashSet<&str> = tallies
         .closed
         .iter()
         .map(|s| s.client_id.as_str())
         .collect();
-    let clients = hub.unsaved_clients(refresh_counts);
-    let sessions: Vec<_> = clients
-        .iter()
-        .map(|c| session_record(c, hub.instance_id(), None))
-        .filter(|s| !closed.contains(s.client_id.as_str()))
+    let sessions: Vec<_> = hub
+        .unsaved_clients(refresh_counts)
+        .into_iter()
+        .map(|c| {
+            let session = session_record(&c, hub.instance_id(), None);
+            (c, session)
+        })
+        .filter(|(_, s)| !closed.contains(s.client_id.as_str()))
         .collect();
     let saved = async {
+        let records: Vec<_> = sessions.iter().map(|(_, s)| s.clone()).collect();
         store
-            .save_sessions(&sessions)
+            .save_sessions(&records)
             .await
             .doing("save open sessions")?;
-        for (client, session) in clients.iter().zip(&sessions) {
+        for (client, session) in &sessions {
             client.mark_saved(session.events_sent as u64);
         }
         store
             .flush(&tallies)
             .await
-            .doing("save counts and ended sessions")?;
-        if lost_rows {
-            let open = hub
-                .clients()
-                .iter()
-                .map(|c| c.info.client_id.to_string())
-                .collect();
-            let closed = store
-                .close_sessions_except(hub.instance_id(), &open, now_millis())
-                .await
-                .doing("close the rows of sessions that ended during an outage")?;
-            tracing::info!(
-                closed,
-                "closed the rows of sessions that ended during the outage"
-            );
-        }
-        Ok(())
+            .doing("save counts and ended sessions")
     }
     .await;
-    match saved {
-        Ok(()) => ledger.saved(&tallies),
-        Err(_) => ledger.restore(tallies, lost_rows),
+    if let Err(error) = saved {
+        ledger.restore(tallies, lost_rows);
+        return Err(error);
     }
-    saved
+    ledger.saved(&tallies);
+    if lost_rows {
+        let open = hub
+            .clients()
+            .iter()
+            .map(|c| c.info.client_id.to_string())
+            .collect();
+        match store
+            .close_sessions_except(hub.instance_id(), &open, now_millis())
+            .await
+            .doing("close the rows of sessions that ended during an outage")
+        {
+            Ok(closed) => tracing::info!(
+                closed,
+                "closed the rows of sessions that ended during the outage"
+            ),
+            Err(error) => {
+                // The counts are saved; only the reconciliation is left for next time.
+                ledger.restore(Tallies::default(), true);
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn flush_loop(service: EventService) {
@@ -117,6 +130,12 @@ pub(super) async fn flush_loop(service: EventService) {
     // Dead instances are looked for twice per client timeout (at most every 10 s), so
     // their sessions close within about 1.5 timeouts.
     let reap_every = (service.config().client_timeout.as_secs() / 2).clamp(1, 10) as u32;
+    // The start counts as healthy: the first flush already succeeded in `start`.
+    let now = tokio::time::Instant::now();
+    let mut healthy_since = Some(
+        now.checked_sub(service.config().client_timeout)
+            .unwrap_or(now),
+    );
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -126,12 +145,14 @@ pub(super) async fn flush_loop(service: EventService) {
         match flush(&service, count.is_multiple_of(REAP_EVERY)).await {
             Ok(()) if failing => {
                 failing = false;
+                healthy_since = Some(tokio::time::Instant::now());
                 tracing::info!("saving counts and sessions works again");
             }
             Ok(()) => {}
             // Once per outage, not once a second.
             Err(error) if !failing => {
                 failing = true;
+                healthy_since = None;
                 tracing::error!(%error, "will retry every second");
             }
             Err(_) => {}
@@ -144,8 +165,17 @@ pub(super) async fn flush_loop(service: EventService) {
                 let _ = tokio::task::spawn_blocking(release_freed_memory).await;
             }
         }
-        if count.is_multiple_of(reap_every) {
-            let reaped = service.store().reap_instances(service.alive_since()).await;
+        // After an outage every heartbeat is stale: declare no one dead until this
+        // instance has been saving again for a whole client timeout, so that the others
+        // have had their chance to heart-beat too.
+        let healthy_long_enough = healthy_since.is_some_and(|since: tokio::time::Instant| {
+            since.elapsed() > service.config().client_timeout
+        });
+        if count.is_multiple_of(reap_every) && healthy_long_enough {
+            let reaped = service
+                .store()
+                .reap_instances(service.hub().instance_id(), service.alive_since())
+                .await;
             match reaped.doing("close the sessions of stopped instances") {
                 Ok(0) => {}
                 Ok(closed) => tracing::info!(closed, "closed the sessions of stopped instances"),
@@ -220,11 +250,18 @@ pub(super) async fn bus_loop(
     let shutdown = service.inner.shutdown.clone();
     let down = &service.inner.bus_down;
     let mut delay = Duration::from_millis(100);
+    // A resync whose log read failed is tried again before listening on.
+    let mut resync_due = false;
     loop {
-        let wake = tokio::select! {
-            wake = bus.next() => wake,
-            () = shutdown.cancelled() => return,
+        let wake = if resync_due {
+            Ok(Wake::Resync)
+        } else {
+            tokio::select! {
+                wake = bus.next() => wake,
+                () = shutdown.cancelled() => return,
+            }
         };
+        resync_due = matches!(wake, Ok(Wake::Resync));
         let through = match wake {
             Ok(Wake::Committed(id)) => Ok(id),
             Ok(Wake::Resync) => service
@@ -237,6 +274,7 @@ pub(super) async fn bus_loop(
         };
         match through {
             Ok(id) => {
+                resync_due = false;
                 if down.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     tracing::info!("listening to the other instances");
                 }

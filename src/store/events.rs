@@ -120,7 +120,7 @@ impl Store {
             );
             let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 6));
             for (i, event) in chunk.iter().enumerate() {
-                let id = first_id + (n * CHUNK_PARAMS / 6 + i) as i64;
+                let id = first_id + (n * (CHUNK_PARAMS / 6) + i) as i64;
                 query = query
                     .bind(id)
                     .bind(&event.kind)

@@ -89,7 +89,7 @@ async fn upsert_sessions(
 ) -> Result<(), sqlx::Error> {
     let sql = format!(
         "insert into client_session ({SESSION_COLUMNS}) values {} on conflict (client_id) do update set \
-         disconnected_at = excluded.disconnected_at, last_event_at = excluded.last_event_at, \
+         disconnected_at = coalesce(client_session.disconnected_at, excluded.disconnected_at), last_event_at = excluded.last_event_at, \
          events_sent = excluded.events_sent",
         values_list(rows.len(), 9, 0)
     );
@@ -204,23 +204,31 @@ impl Store {
 
     /// Closes the sessions of instances that stopped heart-beating before `alive_since`
     /// (a crash, a hard kill) and forgets those instances.
-    pub async fn reap_instances(&self, alive_since: i64) -> Result<u64, sqlx::Error> {
+    pub async fn reap_instances(
+        &self,
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<u64, sqlx::Error> {
         // A dead instance's sessions end at its last heartbeat (or, with no instance row
         // left, at their last event). They count in the closed-session totals, so that
         // the average connection length does not forget crashes.
         const END: &str = "coalesce((select i.heartbeat_at from instance i \
                            where i.instance_id = client_session.instance_id), \
                            coalesce(last_event_at, connected_at))";
-        const ORPHANED: &str = "disconnected_at is null and instance_id not in \
+        // Never this instance itself: after an outage its own row may be stale too.
+        const ORPHANED: &str = "disconnected_at is null and instance_id <> $2 and instance_id not in \
                                 (select instance_id from instance where heartbeat_at > $1)";
         let mut tx = self.begin_write().await?;
         if self.backend == super::Backend::Postgres {
             // Lock the dead rows first: a heartbeat racing with this waits, then finds its
             // row gone and knows it was declared dead, rather than living on with its
             // sessions closed.
-            sqlx::query("select instance_id from instance where heartbeat_at <= $1 for update")
-                .bind(alive_since)
-                .fetch_all(&mut *tx)
+            sqlx::query(
+                "select instance_id from instance where heartbeat_at <= $1 and instance_id <> $2 for update",
+            )
+            .bind(alive_since)
+            .bind(instance_id)
+            .fetch_all(&mut *tx)
                 .await?;
         }
         let (closed, duration_ms): (i64, i64) = sqlx::query_as(&format!(
@@ -228,6 +236,7 @@ impl Store {
              from client_session where {ORPHANED}"
         ))
         .bind(alive_since)
+        .bind(instance_id)
         .fetch_one(&mut *tx)
         .await?;
         if closed > 0 {
@@ -243,11 +252,13 @@ impl Store {
                 "update client_session set disconnected_at = {END} where {ORPHANED}"
             ))
             .bind(alive_since)
+            .bind(instance_id)
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("delete from instance where heartbeat_at <= $1")
+        sqlx::query("delete from instance where heartbeat_at <= $1 and instance_id <> $2")
             .bind(alive_since)
+            .bind(instance_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -58,6 +58,21 @@ on_both_backends! {
         assert_eq!(store.event_horizon().await.unwrap(), (3, 0));
     }
 
+    async fn a_batch_larger_than_one_statement_keeps_its_ids_consecutive(backend: Backend) {
+        let db = backend.db().await;
+        let store = db.store().await;
+        let batch: Vec<NewEvent> = (0..4001).map(|n| event(&n.to_string(), None, &[])).collect();
+        let appended = store.append(&batch, "me", 0).await.unwrap();
+        let stored = store.events_between(0, i64::MAX, 5000).await.unwrap();
+        assert_eq!(stored.len(), 4001);
+        for (n, event) in stored.iter().enumerate() {
+            assert_eq!(event.event_id, appended.first_id + n as i64);
+            assert_eq!(event.data, n.to_string(), "id {} holds the event sent at {n}", event.event_id);
+        }
+        // And the next append goes on from there.
+        assert_eq!(store.append(&[event("next", None, &[])], "me", 0).await.unwrap().first_id, 4002);
+    }
+
     async fn concurrent_appends_never_reuse_or_skip_an_id(backend: Backend) {
         let db = backend.db().await;
         let store = db.store().await;
@@ -156,8 +171,8 @@ on_both_backends! {
 
         // Both heart-beat after 0; after "now", neither has: their open sessions are closed
         // and the instances forgotten.
-        assert_eq!(store.reap_instances(0).await.unwrap(), 0);
-        assert_eq!(store.reap_instances(now_millis() + 10).await.unwrap(), 2);
+        assert_eq!(store.reap_instances("reaper", 0).await.unwrap(), 0);
+        assert_eq!(store.reap_instances("reaper", now_millis() + 10).await.unwrap(), 2);
         let theirs = store.session("theirs").await.unwrap().unwrap();
         let ended = theirs.disconnected_at.expect("closed at its instance's last heartbeat");
         assert!(ended > 1_000);

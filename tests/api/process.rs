@@ -107,6 +107,20 @@ impl Server {
     }
 }
 
+/// Sends SIGTERM and waits for the process to exit.
+async fn stop_gracefully(child: &mut Child) {
+    let pid = child.id().expect("the server is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+}
+
 /// Reads log lines until one's message contains `message`.
 async fn wait_for_log(logs: &mut Lines<BufReader<ChildStdout>>, message: &str) -> Value {
     tokio::time::timeout(PATIENCE, async {
@@ -456,15 +470,7 @@ async fn fresh_sqlite_starts_under_publish_load_log_no_locked_database_and_no_co
             "{statuses:?}"
         );
 
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        tokio::time::timeout(PATIENCE, child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
+        stop_gracefully(&mut child).await;
         let logs = logs.await.unwrap();
         assert!(logs.contains("nomey-sse listening"), "{logs}");
         assert!(!logs.contains("locked"), "{logs}");
@@ -509,15 +515,7 @@ async fn a_subscriber_token_never_appears_in_the_logs() {
         let mut response = http.get(url).send().await.unwrap();
         let _ = response.chunk().await;
     }
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stop_gracefully(&mut child).await;
     let text = collected.await.unwrap();
     assert!(
         text.contains("token=[redacted]"),

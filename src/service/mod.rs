@@ -97,6 +97,8 @@ struct Inner {
     store: Store,
     config: Arc<Config>,
     requests: mpsc::Sender<publisher::Request>,
+    /// KiB of event data that may wait for the publisher; beyond, publishers wait.
+    queue_room: Arc<tokio::sync::Semaphore>,
     /// Whether the bus to other instances is down (always false without one).
     bus_down: AtomicBool,
     /// Set by the first heartbeat: a later one that has to re-create this instance's row
@@ -116,6 +118,9 @@ struct Inner {
 
 /// Publishes waiting for the publisher; beyond this, publishers wait (backpressure).
 const PUBLISH_QUEUE: usize = 4096;
+/// Event data, in KiB, that may wait for the publisher at once: what bounds the queue's
+/// memory, since one request may carry a batch of 8 MiB.
+const PUBLISH_QUEUE_KIB: usize = 64 * 1024;
 
 impl EventService {
     /// Starts the publisher and the background workers.
@@ -139,6 +144,7 @@ impl EventService {
                 store,
                 config,
                 requests,
+                queue_room: Arc::new(tokio::sync::Semaphore::new(PUBLISH_QUEUE_KIB)),
                 bus_down: AtomicBool::new(false),
                 joined: AtomicBool::new(false),
                 started_at: now_millis(),
@@ -307,8 +313,22 @@ impl EventService {
     async fn send(&self, events: Vec<publisher::Prepared>) -> Result<Vec<Published>, PublishError> {
         let count = events.len() as u64;
         let started = std::time::Instant::now();
+        let bytes: usize = events.iter().map(|e| e.data.len() + 64).sum();
+        // At least 1 KiB a request; a batch's 8 MiB is well under the whole room.
+        let kib = bytes.div_ceil(1024).clamp(1, PUBLISH_QUEUE_KIB) as u32;
+        let room = self
+            .inner
+            .queue_room
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| PublishError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        let request = publisher::Request { events, reply };
+        let request = publisher::Request {
+            events,
+            reply,
+            room,
+        };
         self.inner
             .requests
             .send(request)

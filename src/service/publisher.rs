@@ -35,6 +35,9 @@ pub(super) struct Prepared {
 pub(super) struct Request {
     pub events: Vec<Prepared>,
     pub reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
+    /// Its share of the data that may wait for or be in the publisher, given back once
+    /// its batch is stored and dispatched.
+    pub room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Stores and dispatches publishes; between them, hands this instance's streams what
@@ -76,7 +79,10 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
     // The data moves into the record: it is stored, then encoded once from there. The
     // filter is serialized once, for the store and the log line.
     let mut replies = Vec::with_capacity(batch.len());
+    // Held to the end of this batch: the data stays in memory until then.
+    let mut _rooms = Vec::with_capacity(batch.len());
     let prepared = batch.into_iter().flat_map(|r| {
+        _rooms.push(r.room);
         replies.push((r.events.len(), r.reply));
         r.events
     });

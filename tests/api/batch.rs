@@ -67,3 +67,20 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_batch_of_nearly_8_mib_is_taken_whole() {
+    let db = crate::helpers::TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let big = "x".repeat(60_000);
+    let events: Vec<Value> = (0..130)
+        .map(|n| json!({ "filter": { "userId": format!("u{n}") }, "event": "n", "data": big }))
+        .collect();
+    let response = app
+        .post("/api/sse/batch", json!({ "events": events }))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["results"].as_array().unwrap().len(), 130);
+    app.stop().await;
+}

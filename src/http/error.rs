@@ -60,6 +60,11 @@ struct ErrorDetail {
 }
 
 impl Error {
+    /// `400 invalid_parameter`: `name` breaks `rule`.
+    pub fn invalid_parameter(name: &str, rule: &str) -> Self {
+        Self::bad_request("invalid_parameter", format!("{name}: {rule}"))
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest {
             code,

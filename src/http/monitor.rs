@@ -61,7 +61,7 @@ impl ClientQuery {
                 _ => continue,
             };
             if !seen.insert(key.clone()) {
-                return Err(invalid(&key, "given more than once"));
+                return Err(Error::invalid_parameter(&key, "given more than once"));
             }
             *slot = Some(value).filter(|v| !v.is_empty());
         }
@@ -75,7 +75,7 @@ impl ClientQuery {
                 .parse()
                 .ok()
                 .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| invalid("limit", "a whole number from 1 to 1000")),
+                .ok_or_else(|| Error::invalid_parameter("limit", "a whole number from 1 to 1000")),
         }
     }
 
@@ -86,7 +86,9 @@ impl ClientQuery {
                 list.split(',')
                     .map(|id| hyphenated_uuid(id.trim()))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| invalid("clientIds", "comma-separated UUIDs"))?,
+                    .ok_or_else(|| {
+                        Error::invalid_parameter("clientIds", "comma-separated UUIDs")
+                    })?,
             ),
         };
         let filter = Filter {
@@ -108,10 +110,6 @@ impl ClientQuery {
 /// A UUID as `connected` hands them out: 8-4-4-4-12 hex digits.
 fn hyphenated_uuid(id: &str) -> Option<Uuid> {
     (id.len() == 36).then(|| id.parse().ok()).flatten()
-}
-
-fn invalid(name: &str, rule: &str) -> Error {
-    Error::bad_request("invalid_parameter", format!("{name}: {rule}"))
 }
 
 /// A page of `GET /api/sse/clients`.

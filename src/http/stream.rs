@@ -47,7 +47,7 @@ impl StreamParams {
         let mut seen = std::collections::HashSet::new();
         for (key, value) in query::pairs(raw_query)? {
             if !seen.insert(key.clone()) {
-                return Err(invalid(&key, "given more than once"));
+                return Err(Error::invalid_parameter(&key, "given more than once"));
             }
             let slot = match key.as_str() {
                 "userId" => &mut params.user_id,
@@ -55,11 +55,12 @@ impl StreamParams {
                 "lastEventId" => &mut query_last_id,
                 "token" => &mut query_token,
                 _ => {
-                    check_metadata_key(&key).map_err(|rule| invalid(&key, &rule))?;
-                    check_id(&value).map_err(|rule| invalid(&key, &rule))?;
+                    check_metadata_key(&key)
+                        .map_err(|rule| Error::invalid_parameter(&key, &rule))?;
+                    check_id(&value).map_err(|rule| Error::invalid_parameter(&key, &rule))?;
                     params.metadata.insert(key, value);
                     if params.metadata.len() > MAX_METADATA_PAIRS {
-                        return Err(invalid("metadata", "at most 16 pairs"));
+                        return Err(Error::invalid_parameter("metadata", "at most 16 pairs"));
                     }
                     continue;
                 }
@@ -67,37 +68,38 @@ impl StreamParams {
             // An empty value counts as absent.
             if !value.is_empty() {
                 if key != "token" && key != "lastEventId" {
-                    check_id(&value).map_err(|rule| invalid(&key, &rule))?;
+                    check_id(&value).map_err(|rule| Error::invalid_parameter(&key, &rule))?;
                 }
                 *slot = Some(value);
             }
         }
         // The token's size is checked however it comes, before anything reads it.
-        let token = [
-            query_token.as_deref(),
-            bearer_token(headers),
-            cookie(headers, "sse_token"),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|t| !t.is_empty());
-        let sizes = [
+        let sources = [
             query_token.as_deref(),
             bearer_token(headers),
             cookie(headers, "sse_token"),
         ];
-        if sizes.iter().flatten().any(|t| t.len() > MAX_TOKEN_BYTES) {
-            return Err(invalid("token", "at most 4 KiB"));
+        if sources.iter().flatten().any(|t| t.len() > MAX_TOKEN_BYTES) {
+            return Err(Error::invalid_parameter("token", "at most 4 KiB"));
         }
-        params.token = token.map(str::to_owned);
+        params.token = sources
+            .into_iter()
+            .flatten()
+            .find(|t| !t.is_empty())
+            .map(str::to_owned);
         let mut header_ids = headers.get_all("last-event-id").iter();
         let header_last_id = match (header_ids.next(), header_ids.next()) {
             (None, _) => None,
-            (Some(_), Some(_)) => return Err(invalid("Last-Event-ID", "given more than once")),
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid_parameter(
+                    "Last-Event-ID",
+                    "given more than once",
+                ));
+            }
             (Some(value), None) => {
                 let value = value
                     .to_str()
-                    .map_err(|_| invalid("Last-Event-ID", "not valid text"))?;
+                    .map_err(|_| Error::invalid_parameter("Last-Event-ID", "not valid text"))?;
                 parse_event_id("Last-Event-ID", value)?
             }
         };
@@ -140,10 +142,6 @@ impl StreamParams {
     }
 }
 
-fn invalid(name: &str, rule: &str) -> Error {
-    Error::bad_request("invalid_parameter", format!("{name}: {rule}"))
-}
-
 /// A non-negative integer that fits in 63 bits; empty means absent. Nothing else, not
 /// even surrounding white space.
 fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
@@ -151,12 +149,15 @@ fn parse_event_id(name: &str, value: &str) -> Result<Option<i64>> {
         return Ok(None);
     }
     if !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid(name, "a non-negative whole number"));
+        return Err(Error::invalid_parameter(
+            name,
+            "a non-negative whole number",
+        ));
     }
     value
         .parse()
         .map(Some)
-        .map_err(|_| invalid(name, "a whole number below 2^63"))
+        .map_err(|_| Error::invalid_parameter(name, "a whole number below 2^63"))
 }
 
 /// One event of the stream, as the API describes it.

@@ -291,8 +291,14 @@ impl Hub {
         reg.clear();
     }
 
-    pub fn has_user(&self, user: &str) -> bool {
-        self.read().streams_of(user) > 0
+    /// Those of `users` with no stream here, under one look at the index.
+    pub fn without_streams(&self, users: &[String]) -> Vec<String> {
+        let reg = self.read();
+        users
+            .iter()
+            .filter(|u| reg.streams_of(u) == 0)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

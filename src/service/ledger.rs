@@ -130,10 +130,15 @@ impl Ledger {
             return;
         }
         rest.settled.insert((user.to_owned(), event_id));
-        rest.taken_pending
-            .entry(user.to_owned())
-            .or_default()
-            .insert(event_id);
+        match rest.taken_pending.get_mut(user) {
+            Some(taken) => {
+                taken.insert(event_id);
+            }
+            None => {
+                rest.taken_pending
+                    .insert(user.to_owned(), HashSet::from([event_id]));
+            }
+        }
     }
 
     /// Takes the pending events of `user` that no stream here has taken yet; returns

@@ -102,11 +102,7 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
                     .as_ref()
                     .map(|f| serde_json::to_string(f).unwrap_or_default()),
                 audience: Filter::audience(r.filter.as_ref()),
-                absent_here: target_users
-                    .iter()
-                    .filter(|u| !hub.has_user(u))
-                    .cloned()
-                    .collect(),
+                absent_here: hub.without_streams(&target_users),
                 target_users,
                 created_at: now,
             };

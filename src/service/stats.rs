@@ -89,7 +89,9 @@ impl ClientView {
 impl EventService {
     /// Open streams on every live instance, optionally narrowed by a filter.
     pub async fn clients(&self, filter: Option<&Filter>) -> Result<Vec<ClientView>, StoreError> {
-        Ok(narrowed(self.all_clients().await?, filter))
+        let mut clients = narrowed(self.all_clients().await?, filter);
+        clients.sort_by_key(|v| v.connected_at_ms);
+        Ok(clients)
     }
 
     /// The stats (`GET /api/sse/stats`).
@@ -133,10 +135,7 @@ impl EventService {
             .clients()
             .into_iter()
             .map(|c| session_record(&c, hub.instance_id(), None));
-        let mut views: Vec<ClientView> =
-            local.chain(remote).map(ClientView::from_session).collect();
-        views.sort_by_key(|v| v.connected_at_ms);
-        Ok(views)
+        Ok(local.chain(remote).map(ClientView::from_session).collect())
     }
 
     async fn stats_of(&self, clients: &[ClientView]) -> Result<Stats, StoreError> {

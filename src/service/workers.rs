@@ -66,7 +66,7 @@ pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Resul
         .iter()
         .map(|s| s.client_id.as_str())
         .collect();
-    let sessions: Vec<_> = hub
+    let (clients, sessions): (Vec<_>, Vec<_>) = hub
         .unsaved_clients(refresh_counts)
         .into_iter()
         .map(|c| {
@@ -74,14 +74,13 @@ pub(super) async fn flush(service: &EventService, refresh_counts: bool) -> Resul
             (c, session)
         })
         .filter(|(_, s)| !closed.contains(s.client_id.as_str()))
-        .collect();
+        .unzip();
     let saved = async {
-        let records: Vec<_> = sessions.iter().map(|(_, s)| s.clone()).collect();
         store
-            .save_sessions(&records)
+            .save_sessions(&sessions)
             .await
             .doing("save open sessions")?;
-        for (client, session) in &sessions {
+        for (client, session) in clients.iter().zip(&sessions) {
             client.mark_saved(session.events_sent as u64);
         }
         store

@@ -31,6 +31,17 @@ fn server_command(db_url: &str, vars: &[(&str, &str)]) -> Command {
     command
 }
 
+type EventStream = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
 /// A running server process.
 struct Server {
     child: Child,
@@ -91,6 +102,18 @@ impl Server {
         assert_eq!(response.status(), StatusCode::OK);
         response.chunk().await.unwrap();
         response
+    }
+
+    /// Opens `GET /api/sse?{query}` (with optional headers), read with a real SSE parser.
+    async fn events(&self, query: &str, headers: &[(&str, &str)]) -> EventStream {
+        let mut request = self.http.get(self.url(&format!("/api/sse?{query}")));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        Box::pin(eventsource_stream::Eventsource::eventsource(
+            response.bytes_stream(),
+        ))
     }
 
     async fn status(&self, path: &str) -> StatusCode {
@@ -210,8 +233,7 @@ on_both_backends! {
         assert_eq!(stats["totalEventsSent"], 2);
         assert_eq!(stats["totalConnections"], 1);
         assert_eq!(stats["pendingNotifications"], 3);
-        let response = server.http.get(server.url("/api/sse?userId=away")).send().await.unwrap();
-        let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+        let mut events = server.events("userId=away", &[]).await;
         let mut received = Vec::new();
         while received.len() < 3 {
             let event = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut events)).await.unwrap().unwrap().unwrap();
@@ -245,13 +267,7 @@ async fn a_reader_that_never_reads_costs_bounded_memory_while_others_get_everyth
     let db = TestDb::sqlite().await;
     let server = Server::start(&db.url, &[]).await;
     let pid = server.child.id().unwrap();
-    let response = server
-        .http
-        .get(server.url("/api/sse?userId=u1"))
-        .send()
-        .await
-        .unwrap();
-    let mut fast = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let mut fast = server.events("userId=u1", &[]).await;
     let _slow = stuck_stream(server.addr, "userId=u1").await;
     // Warm up, so the baseline includes the database's caches.
     let big = "x".repeat(60 * 1024);
@@ -533,13 +549,7 @@ async fn an_instance_frozen_past_the_timeout_ends_its_streams_and_nothing_is_los
     let vars = [("CLIENT_TIMEOUT_MS", "1500"), ("PING_INTERVAL_MS", "300")];
     let frozen = Server::start(&db.url, &vars).await;
     let survivor = Server::start(&db.url, &vars).await;
-    let response = frozen
-        .http
-        .get(frozen.url("/api/sse?userId=f"))
-        .send()
-        .await
-        .unwrap();
-    let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let mut events = frozen.events("userId=f", &[]).await;
     let mut received = Vec::new();
     // The parser repeats the last id on later events: only stored events count.
     let stored = |event: eventsource_stream::Event, received: &mut Vec<i64>| {
@@ -592,14 +602,9 @@ async fn an_instance_frozen_past_the_timeout_ends_its_streams_and_nothing_is_los
         "the thawed instance kept its stream"
     );
     let last = received.last().unwrap().to_string();
-    let response = survivor
-        .http
-        .get(survivor.url("/api/sse?userId=f"))
-        .header("Last-Event-ID", &last)
-        .send()
-        .await
-        .unwrap();
-    let mut resumed = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let mut resumed = survivor
+        .events("userId=f", &[("Last-Event-ID", &last)])
+        .await;
     while received.len() < published.len() {
         let event = tokio::time::timeout(PATIENCE, resumed.next())
             .await
@@ -625,13 +630,7 @@ async fn two_server_processes_deliver_each_others_events_live_once() {
     let b = Server::start(&db.url, &[]).await;
     let mut streams = Vec::new();
     for server in [&a, &b] {
-        let response = server
-            .http
-            .get(server.url("/api/sse?userId=p"))
-            .send()
-            .await
-            .unwrap();
-        let mut events = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+        let mut events = server.events("userId=p", &[]).await;
         let connected = tokio::time::timeout(PATIENCE, events.next())
             .await
             .unwrap()

@@ -4,7 +4,8 @@
 //! Each room uses only the rooms below it (the imports show it):
 //!
 //! ```text
-//! main.rs, startup      builds and runs everything
+//! main.rs, bin/, startup  build and run everything; shuttle and lambda adapt it to
+//!                         those runtimes
 //! http, server          the HTTP API over EventService; the accept loop and its
 //!                       transport types (connection handles, the open-files budget)
 //! service               EventService: publishing, subscribing, history, workers
@@ -26,10 +27,16 @@ pub mod filter;
 pub(crate) mod http;
 /// The registry of open streams and fan-out; no HTTP, no database.
 pub(crate) mod hub;
+/// The AWS Lambda entry point: the router under Lambda's runtime, with streaming.
+#[cfg(feature = "lambda")]
+pub mod lambda;
 /// The accept loop over hyper, and its transport types.
 pub(crate) mod server;
 /// `EventService`: publishing, subscribing, history and the background workers.
 pub mod service;
+/// The Shuttle entry point's service, with the same drain as a plain run.
+#[cfg(feature = "shuttle")]
+pub mod shuttle;
 /// Building and running the application.
 pub mod startup;
 /// Durable state on Postgres or SQLite; public so that it can be read and tested alone.

@@ -23,14 +23,13 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 /// The most the last save may take, so that a stop ends within 10 s even when the
 /// database hangs (`DRAIN` + this).
 const FINISH: Duration = Duration::from_secs(4);
+/// The longest a stop may take: the drain, then the last save.
+pub const STOP_BOUND: Duration = Duration::from_secs(DRAIN.as_secs() + FINISH.as_secs());
 
 /// A bound, ready-to-run instance of the service.
 pub struct Application {
     listener: TcpListener,
-    state: AppState,
-    hub: Hub,
-    store: Store,
-    _sole_use: SoleUse,
+    parts: Parts,
 }
 
 impl Application {
@@ -48,19 +47,105 @@ impl Application {
         store: Store,
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
+        let parts = Parts::start(config, store).await?;
+        Ok(Self { listener, parts })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has an address.
+        self.listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Cancelling this token shuts the application down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.parts.state.shutdown.clone()
+    }
+
+    pub fn events(&self) -> &EventService {
+        &self.parts.state.events
+    }
+
+    /// Serves until the shutdown token fires; then ends every stream cleanly, saves the
+    /// counts and sessions and leaves the shared state.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { listener, parts } = self;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            instance_id = parts.hub.instance_id(),
+            store = ?parts.store.backend(),
+            "nomey-sse listening"
+        );
+        let state = &parts.state;
+        let router = http::router(state.clone());
+        parts.close_streams_on_shutdown();
+        server::serve(
+            listener,
+            router,
+            state.files.clone(),
+            state.shutdown.clone(),
+            state.config.client_timeout,
+            state.config.request_timeout,
+            DRAIN,
+        )
+        .await;
+        parts.finish().await;
+        Ok(())
+    }
+}
+
+/// The application without a listener, for a runtime that brings its own HTTP front
+/// (AWS Lambda): its router, and the same ending as a plain run's stop.
+pub struct Detached {
+    parts: Parts,
+}
+
+impl Detached {
+    /// Starts the workers; nothing listens until the router is served.
+    pub async fn start(config: Config, store: Store) -> anyhow::Result<Self> {
+        let parts = Parts::start(config, store).await?;
+        tracing::info!(
+            instance_id = parts.hub.instance_id(),
+            store = ?parts.store.backend(),
+            "nomey-sse ready"
+        );
+        parts.close_streams_on_shutdown();
+        Ok(Self { parts })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        http::router(self.parts.state.clone())
+    }
+
+    pub fn events(&self) -> &EventService {
+        &self.parts.state.events
+    }
+
+    /// Ends every stream, then saves the counts and sessions and leaves the shared state.
+    pub async fn stop(self) {
+        self.parts.state.shutdown.cancel();
+        self.parts.hub.close();
+        self.parts.finish().await;
+    }
+}
+
+/// What every entry point runs: the state behind the router, the workers and the store.
+struct Parts {
+    state: AppState,
+    hub: Hub,
+    store: Store,
+    _sole_use: SoleUse,
+}
+
+impl Parts {
+    async fn start(config: Config, store: Store) -> anyhow::Result<Self> {
         let sole_use = SoleUse::take(&config.database).map_err(|reason| anyhow::anyhow!(reason))?;
-        match (&config.publish_key, &config.jwt_secret) {
-            (None, None) => tracing::warn!(
-                "neither SSE_PUBLISH_KEY nor SSE_JWT_SECRET is set: anyone can publish, read stats and open any user's stream (development mode)"
-            ),
-            (None, Some(_)) => {
-                tracing::warn!("SSE_PUBLISH_KEY is not set: anyone can publish and read stats")
-            }
-            (Some(_), None) => {
-                tracing::warn!("SSE_JWT_SECRET is not set: anyone can open any user's stream")
-            }
-            (Some(_), Some(_)) => {}
-        }
+        warn_if_open(&config);
         let files = FileBudget::new(raise_open_files_limit());
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
@@ -81,7 +166,6 @@ impl Application {
             files,
         };
         Ok(Self {
-            listener,
             state,
             hub,
             store,
@@ -89,68 +173,41 @@ impl Application {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        // A bound listener always has an address.
-        self.listener
-            .local_addr()
-            .expect("a bound listener has a local address")
-    }
-
-    pub fn port(&self) -> u16 {
-        self.local_addr().port()
-    }
-
-    /// Cancelling this token shuts the application down gracefully.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
-    }
-
-    pub fn events(&self) -> &EventService {
-        &self.state.events
-    }
-
-    /// Serves until the shutdown token fires; then ends every stream cleanly, saves the
-    /// counts and sessions and leaves the shared state.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self {
-            listener,
-            state,
-            hub,
-            store,
-            _sole_use,
-        } = self;
-        tracing::info!(
-            addr = %listener.local_addr()?,
-            instance_id = hub.instance_id(),
-            store = ?store.backend(),
-            "nomey-sse listening"
-        );
-        let router = http::router(state.clone());
-        let shutdown = state.shutdown.clone();
+    fn close_streams_on_shutdown(&self) {
+        let shutdown = self.state.shutdown.clone();
+        let hub = self.hub.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
             // Streams end once their queues are written; clients resume elsewhere.
             hub.close();
         });
-        server::serve(
-            listener,
-            router,
-            state.files.clone(),
-            state.shutdown.clone(),
-            state.config.client_timeout,
-            state.config.request_timeout,
-            DRAIN,
-        )
-        .await;
-        if tokio::time::timeout(FINISH, state.events.finish(TASKS_GRACE))
+    }
+
+    /// The last save, bounded so that a stop ends even when the database hangs.
+    async fn finish(self) {
+        if tokio::time::timeout(FINISH, self.state.events.finish(TASKS_GRACE))
             .await
             .is_err()
         {
             tracing::error!("the last save did not finish in time; stopping without it");
         }
-        store.close().await;
+        self.store.close().await;
         tracing::info!("nomey-sse stopped");
-        Ok(())
+    }
+}
+
+fn warn_if_open(config: &Config) {
+    match (&config.publish_key, &config.jwt_secret) {
+        (None, None) => tracing::warn!(
+            "neither SSE_PUBLISH_KEY nor SSE_JWT_SECRET is set: anyone can publish, read stats and open any user's stream (development mode)"
+        ),
+        (None, Some(_)) => {
+            tracing::warn!("SSE_PUBLISH_KEY is not set: anyone can publish and read stats")
+        }
+        (Some(_), None) => {
+            tracing::warn!("SSE_JWT_SECRET is not set: anyone can open any user's stream")
+        }
+        (Some(_), Some(_)) => {}
     }
 }
 

@@ -4,6 +4,8 @@
 mod auth;
 mod batch;
 mod delivery;
+#[cfg(any(feature = "shuttle", feature = "lambda"))]
+mod deploy;
 mod helpers;
 mod history;
 mod hostile;

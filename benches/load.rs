@@ -1,33 +1,76 @@
-//! A small load tool for a running nomey-sse (not a Criterion bench): see BENCHMARKS.md.
+//! A small load tool for a running nomey-sse or nchan (not a Criterion bench): see
+//! BENCHMARKS.md.
 //!
 //! ```text
 //! cargo bench --bench load -- streams --url http://127.0.0.1:8000 --pid <server pid> --streams 10000
-//! cargo bench --bench load -- publish --url http://127.0.0.1:8000 --requests 20000 --concurrency 32
+//! cargo bench --bench load -- streams --target nchan --pid "$(benches/nchan.sh)" --streams 10000
+//! cargo bench --bench load -- publish --url http://127.0.0.1:8000 --users 10000 --requests 20000 --concurrency 64
 //! ```
 //!
+//! `--target nomey` (the default, `--url` defaults to `http://127.0.0.1:8000`) or
+//! `--target nchan` (nginx's pub/sub module as `benches/nchan.conf` sets it up and
+//! `benches/nchan.sh` starts it; `--url` defaults to `http://127.0.0.1:8090`) picks the
+//! routes:
+//!
+//! | | nomey | nchan |
+//! |---|---|---|
+//! | stream of user `u{n}` | `GET /api/sse?userId=u{n}` | `GET /sub/u{n}` (channels `u{n}` and `all`) |
+//! | event for user `u{n}` | `POST /api/sse/notify`, or K at a time to `/api/sse/batch` | `POST /pub/u{n}` |
+//! | event for every stream | `POST /api/sse/broadcast` | `POST /pub/all` |
+//!
+//! Every event's data is `{"bench":[run,n,sent]}`: the run (events left over from another
+//! run are ignored), the event's number, and when it was published, in µs since the Unix
+//! epoch. Streams find that marker in their raw bytes; the time they read it minus `sent`
+//! is the event's publish-to-receive latency (one machine, one clock).
+//!
 //! `streams` opens idle streams over raw TCP (so the client costs little), reports the
-//! server's resident memory per stream, then times broadcasts until every stream has them.
-//! `publish` sends user-targeted events from many tasks and reports rate and latency.
-//! `churn` keeps opening and closing streams while broadcasting, then watches the server's
-//! memory while it idles. `replay` fills the log with other users' events and times one
-//! user's replay (and the log rows it read, from `/metrics`).
+//! server's resident memory per stream, then times broadcasts sent at a steady rate until
+//! every stream has each, and a burst of broadcasts sent as fast as they go.
+//! `publish` opens one stream per user, then sends user-targeted events and reports their
+//! rate, their delivery and both latencies.
+//! For nomey only: `churn` keeps opening and closing streams while broadcasting, then
+//! watches the server's memory while it idles; `bus` times delivery between two instances;
+//! `replay` fills the log with other users' events and times one user's replay (and the
+//! log rows it read, from `/metrics`).
+//!
+//! Streams come from the source addresses 127.0.0.1 to 127.0.0.N in turn (`--sources N`,
+//! default 8) when the server is on loopback, so that each address keeps well clear of the
+//! ephemeral port range. The tool raises its own open-files limit to the hard limit.
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+const USAGE: &str = "usage: load MODE [--target nomey|nchan] [--url URL] [flags]
+  streams --pid PID [--streams N] [--rounds N] [--rate PER_S] [--burst N] [--concurrency N] [--sources N] [--connecting N]
+  publish [--users N] [--requests N] [--concurrency N] [--rate PER_S] [--batch K (nomey)] [--subscribe 0|1] [--pid PID] [--sources N] [--connecting N]
+  churn --pid PID [--streams N] [--connections N] [--idle S]        (nomey)
+  bus [--sub-url URL] [--streams N] [--rate PER_S] [--seconds S]    (nomey)
+  replay [--events N] [--users N] [--target-events N]               (nomey; also --target N)";
+
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() {
+    if let Err(error) = run().await {
+        eprintln!("load: {error}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<(), Error> {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
@@ -42,40 +85,86 @@ async fn main() -> Result<(), Error> {
             ))
         })
         .collect();
+    let target_flag = flags.get("target").copied().unwrap_or("nomey");
+    // `replay --target N` (the number of the target user's events) predates `--target`
+    // naming the server, and still works.
+    let replay_target = (mode == "replay")
+        .then(|| target_flag.parse::<usize>().ok())
+        .flatten();
+    let target = match target_flag {
+        "nomey" => Target::Nomey,
+        "nchan" => Target::Nchan,
+        _ if replay_target.is_some() => Target::Nomey,
+        other => return Err(format!("--target {other}: nomey or nchan\n{USAGE}").into()),
+    };
     let url = flags
         .get("url")
         .copied()
-        .unwrap_or("http://127.0.0.1:8000")
+        .unwrap_or(target.default_url())
         .trim_end_matches('/')
         .to_owned();
     let number =
         |name: &str, default: usize| flags.get(name).map_or(Ok(default), |v| v.parse::<usize>());
+    let real = |name: &str, default: f64| flags.get(name).map_or(Ok(default), |v| v.parse::<f64>());
+    let pid = || -> Result<u32, Error> {
+        Ok(flags
+            .get("pid")
+            .ok_or("--pid <server pid> is required")?
+            .parse()?)
+    };
+    let open_files = raise_open_files_limit();
+    let setup = || -> Result<Setup, Error> {
+        Ok(Setup {
+            target,
+            server: server_address(&url)?,
+            url: url.clone(),
+            sources: number("sources", 8)?.clamp(1, 254),
+            connecting: number("connecting", 100)?.max(1),
+            open_files,
+        })
+    };
+    if target == Target::Nchan && ["churn", "bus", "replay"].contains(&mode.as_str()) {
+        return Err(format!("{mode} is for nomey only").into());
+    }
     match mode.as_str() {
         "streams" => {
-            let pid = flags
-                .get("pid")
-                .ok_or("--pid <server pid> is required")?
-                .parse()?;
-            streams(&url, pid, number("streams", 10_000)?, number("rounds", 5)?).await
+            streams(
+                &setup()?,
+                pid()?,
+                number("streams", 10_000)?,
+                Broadcasts {
+                    rounds: number("rounds", 5)?,
+                    rate: real("rate", 2.0)?,
+                    burst: number("burst", 100)?,
+                    concurrency: number("concurrency", 1)?.max(1),
+                },
+            )
+            .await
         }
         "publish" => {
-            let requests = number("requests", 20_000)?;
+            if target == Target::Nchan && number("batch", 1)? != 1 {
+                return Err(
+                    "--batch is for nomey only: nchan takes one message per request".into(),
+                );
+            }
             publish(
-                &url,
-                requests,
-                number("concurrency", 32)?,
-                number("users", 1000)?,
+                &setup()?,
+                flags.contains_key("pid").then(pid).transpose()?,
+                Publishes {
+                    users: number("users", 1000)?.max(1),
+                    events: number("requests", 20_000)?,
+                    concurrency: number("concurrency", 32)?.max(1),
+                    rate: real("rate", 0.0)?,
+                    batch: number("batch", 1)?.clamp(1, 1000),
+                    subscribe: number("subscribe", 1)? != 0,
+                },
             )
             .await
         }
         "churn" => {
-            let pid = flags
-                .get("pid")
-                .ok_or("--pid <server pid> is required")?
-                .parse()?;
             churn(
                 &url,
-                pid,
+                pid()?,
                 number("streams", 200)?,
                 number("connections", 100_000)?,
                 number("idle", 60)?,
@@ -83,7 +172,9 @@ async fn main() -> Result<(), Error> {
             .await
         }
         "bus" => {
-            let sub_url = flags.get("sub-url").map_or(url.clone(), |u| u.trim_end_matches('/').to_owned());
+            let sub_url = flags
+                .get("sub-url")
+                .map_or(url.clone(), |u| u.trim_end_matches('/').to_owned());
             bus(
                 &url,
                 &sub_url,
@@ -98,16 +189,84 @@ async fn main() -> Result<(), Error> {
                 &url,
                 number("events", 100_000)?,
                 number("users", 10_000)?,
-                number("target", 100)?,
+                replay_target.map_or_else(|| number("target-events", 100), Ok)?,
             )
             .await
         }
-        _ => Err(
-            "usage: load (streams --pid PID [--streams N] | publish [--requests N] | churn --pid PID \
-             | replay [--events N]) [--url URL]"
-                .into(),
-        ),
+        _ => Err(USAGE.into()),
     }
+}
+
+/// The server under test: which routes it has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Nomey,
+    Nchan,
+}
+
+impl Target {
+    fn default_url(self) -> &'static str {
+        match self {
+            Target::Nomey => "http://127.0.0.1:8000",
+            Target::Nchan => "http://127.0.0.1:8090",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Nomey => "nomey-sse",
+            Target::Nchan => "nchan",
+        }
+    }
+
+    /// The request that opens user `u{user}`'s stream.
+    fn stream_request(self, host: &str, user: usize) -> String {
+        let path = match self {
+            Target::Nomey => format!("/api/sse?userId=u{user}"),
+            Target::Nchan => format!("/sub/u{user}"),
+        };
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n")
+    }
+}
+
+/// What every mode that opens streams needs to know.
+struct Setup {
+    target: Target,
+    url: String,
+    server: SocketAddr,
+    sources: usize,
+    /// Streams connecting at once (a listen backlog smaller than this drops SYNs, which
+    /// the kernel retries after a second).
+    connecting: usize,
+    open_files: u64,
+}
+
+impl Setup {
+    /// The local addresses streams connect from, in turn: several on loopback, so that
+    /// tens of thousands of streams do not exhaust one address's ephemeral ports.
+    fn source_addresses(&self) -> Vec<Option<IpAddr>> {
+        match self.server.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => (0..self.sources)
+                .map(|i| Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8))))
+                .collect(),
+            _ => vec![None],
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (each stream is a descriptor) and
+/// returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+    rlimit::increase_nofile_limit(hard).unwrap_or(soft)
+}
+
+fn server_address(url: &str) -> Result<SocketAddr, Error> {
+    use std::net::ToSocketAddrs;
+    host_port(url)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| format!("{url}: no address").into())
 }
 
 fn resident_kib(pid: u32) -> Result<u64, Error> {
@@ -123,166 +282,658 @@ fn host_port(url: &str) -> String {
     url.trim_start_matches("http://").to_owned()
 }
 
-/// One raw SSE client: reports when it is connected, then each time a `bench` event arrives.
-/// `opening` is held until the stream is connected, which bounds connects in flight.
-async fn idle_stream(
-    addr: String,
-    user: usize,
-    opening: OwnedSemaphorePermit,
-    ready: mpsc::Sender<()>,
-    seen: mpsc::UnboundedSender<Instant>,
-) {
-    let mut opening = Some(opening);
-    let Ok(mut socket) = TcpStream::connect(&addr).await else {
-        eprintln!("connect failed");
-        return;
-    };
-    let request = format!("GET /api/sse?userId=u{user} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    if socket.write_all(request.as_bytes()).await.is_err() {
-        return;
+/// What the streams of one run received, by event number.
+struct Tally {
+    run: u64,
+    /// How many streams read each event.
+    arrivals: Vec<AtomicU32>,
+    /// Each event's shortest and longest publish-to-receive time, in µs.
+    fastest: Vec<AtomicU64>,
+    slowest: Vec<AtomicU64>,
+    /// Deliveries of every event, and when the latest was read (µs since the epoch).
+    total: AtomicU64,
+    latest: AtomicU64,
+    /// Streams that ended after they had connected.
+    closed: AtomicUsize,
+}
+
+impl Tally {
+    fn new(events: usize) -> Self {
+        Tally {
+            run: unix_micros(),
+            arrivals: (0..events).map(|_| AtomicU32::new(0)).collect(),
+            fastest: (0..events).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            slowest: (0..events).map(|_| AtomicU64::new(0)).collect(),
+            total: AtomicU64::new(0),
+            latest: AtomicU64::new(0),
+            closed: AtomicUsize::new(0),
+        }
     }
-    let mut buf = vec![0u8; 2048];
-    let mut carry = Vec::new();
-    let mut connected = false;
-    loop {
-        let Ok(n) = socket.read(&mut buf).await else {
+
+    fn record(&self, run: u64, n: u64, sent: u64, now: u64) {
+        let Some(arrivals) = usize::try_from(n)
+            .ok()
+            .filter(|_| run == self.run)
+            .and_then(|n| self.arrivals.get(n).map(|a| (n, a)))
+        else {
             return;
         };
-        if n == 0 {
-            return;
-        }
-        let at = Instant::now();
-        carry.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&carry).into_owned();
-        if !connected && text.contains("event: connected") {
-            connected = true;
-            opening.take();
-            let _ = ready.send(()).await;
-        }
-        let markers = text.matches("event: bench").count();
-        for _ in 0..markers {
-            let _ = seen.send(at);
-        }
-        if markers > 0 {
-            carry.clear();
-        } else {
-            // Keep a tail, in case a marker straddles two reads.
-            carry.drain(..carry.len().saturating_sub(16));
+        let (n, arrivals) = arrivals;
+        let took = now.saturating_sub(sent);
+        arrivals.fetch_add(1, Relaxed);
+        self.fastest[n].fetch_min(took, Relaxed);
+        self.slowest[n].fetch_max(took, Relaxed);
+        self.total.fetch_add(1, Relaxed);
+        self.latest.fetch_max(now, Relaxed);
+    }
+
+    /// Waits until `done` holds, or until nothing has arrived for `quiet`; says whether
+    /// `done` held. The times reported come from the streams, not from this poll.
+    async fn settle(&self, quiet: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let mut seen = self.total.load(Relaxed);
+        let mut since = Instant::now();
+        loop {
+            if done(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = self.total.load(Relaxed);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= quiet {
+                return done(self);
+            }
         }
     }
 }
 
-async fn streams(url: &str, pid: u32, count: usize, rounds: usize) -> Result<(), Error> {
-    let before = resident_kib(pid)?;
-    let addr = host_port(url);
-    let (ready_tx, mut ready_rx) = mpsc::channel(count);
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    let opening = Arc::new(Semaphore::new(256));
+/// The marker every published event carries: `"bench":[run,n,sent]`.
+const MARKER: &[u8] = b"\"bench\":[";
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Records every marker in one line of a stream.
+fn scan(mut line: &[u8], now: u64, tally: &Tally) {
+    while let Some(at) = find(line, MARKER) {
+        line = &line[at + MARKER.len()..];
+        let mut numbers = [0u64; 3];
+        let mut whole = true;
+        for (i, slot) in numbers.iter_mut().enumerate() {
+            let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
+            let after = if i < 2 { b',' } else { b']' };
+            match std::str::from_utf8(&line[..digits]).map(str::parse) {
+                Ok(Ok(value)) if line.get(digits) == Some(&after) => *slot = value,
+                _ => {
+                    whole = false;
+                    break;
+                }
+            }
+            line = &line[digits + 1..];
+        }
+        if whole {
+            tally.record(numbers[0], numbers[1], numbers[2], now);
+        }
+    }
+}
+
+/// Records the markers in every complete line of `pending`, and keeps the unfinished rest.
+fn consume(pending: &mut Vec<u8>, now: u64, tally: &Tally) {
+    let mut start = 0;
+    while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
+        let line = &pending[start..start + end];
+        // Both servers put the event's data on `data:` lines.
+        if line.starts_with(b"data:") {
+            scan(line, now, tally);
+        }
+        start += end + 1;
+    }
+    pending.drain(..start);
+    if pending.len() > 1 << 20 {
+        pending.clear();
+    }
+}
+
+/// How one stream is opened.
+struct StreamSpec {
+    target: Target,
+    server: SocketAddr,
+    host: String,
+}
+
+/// Connects (from `source`, if given), sends the request and reads until the stream is
+/// connected: for nomey its `connected` event, for nchan the `200` response head (nchan
+/// has subscribed the stream by then; it follows with a `: hi` comment). Returns the
+/// socket and the bytes read after the head.
+async fn open_stream(
+    spec: &StreamSpec,
+    source: Option<IpAddr>,
+    user: usize,
+) -> Result<(TcpStream, Vec<u8>), String> {
+    let socket = if spec.server.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    let mut stream = socket
+        .connect(spec.server)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(spec.target.stream_request(&spec.host, user).as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let mut body_at = None;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            let first = got.split(|&b| b == b'\r').next().unwrap_or_default();
+            return Err(format!(
+                "closed before connected: {}",
+                String::from_utf8_lossy(first)
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+        if body_at.is_none() {
+            if let Some(end) = find(&got, b"\r\n\r\n") {
+                if !(got.starts_with(b"HTTP/1.1 200 ") || got.starts_with(b"HTTP/1.0 200 ")) {
+                    let status = got.split(|&b| b == b'\r').next().unwrap_or_default();
+                    return Err(String::from_utf8_lossy(status).into_owned());
+                }
+                body_at = Some(end + 4);
+            } else if got.len() > 16 * 1024 {
+                return Err("no end to the response head".into());
+            }
+        }
+        if let Some(at) = body_at
+            && (spec.target == Target::Nchan || find(&got[at..], b"event: connected").is_some())
+        {
+            return Ok((stream, got.split_off(at)));
+        }
+    }
+}
+
+/// One idle stream: reports once whether it connected, then records the events it reads.
+/// `opening` is held until then, which bounds connects in flight.
+async fn stream(
+    spec: Arc<StreamSpec>,
+    source: Option<IpAddr>,
+    user: usize,
+    opening: OwnedSemaphorePermit,
+    ready: mpsc::UnboundedSender<Result<(), String>>,
+    tally: Arc<Tally>,
+) {
+    let opened = tokio::time::timeout(Duration::from_secs(30), open_stream(&spec, source, user))
+        .await
+        .unwrap_or_else(|_| Err("not connected within 30 s".into()));
+    drop(opening);
+    let (mut socket, mut pending) = match opened {
+        Ok(opened) => opened,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    consume(&mut pending, unix_micros(), &tally);
+    let mut buf = vec![0u8; 2048];
+    while let Ok(n @ 1..) = socket.read(&mut buf).await {
+        pending.extend_from_slice(&buf[..n]);
+        consume(&mut pending, unix_micros(), &tally);
+    }
+    tally.closed.fetch_add(1, Relaxed);
+}
+
+/// Opens streams for users `u0` to `u{count - 1}`, `--connecting` (100) at once, and
+/// waits until all are connected; returns how long that took.
+async fn open_streams(setup: &Setup, count: usize, tally: &Arc<Tally>) -> Result<Duration, Error> {
+    if count as u64 + 64 > setup.open_files {
+        return Err(format!(
+            "{count} streams need {} open files; this process may have {}",
+            count + 64,
+            setup.open_files
+        )
+        .into());
+    }
+    let sources = setup.source_addresses();
+    let spec = Arc::new(StreamSpec {
+        target: setup.target,
+        server: setup.server,
+        host: host_port(&setup.url),
+    });
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let opening = Arc::new(Semaphore::new(setup.connecting));
     let started = Instant::now();
     for user in 0..count {
         let permit = opening.clone().acquire_owned().await?;
-        tokio::spawn(idle_stream(
-            addr.clone(),
+        tokio::spawn(stream(
+            spec.clone(),
+            sources[user % sources.len()],
             user,
             permit,
             ready_tx.clone(),
-            seen_tx.clone(),
+            tally.clone(),
         ));
     }
-    for _ in 0..count {
-        ready_rx.recv().await.ok_or("a stream failed to connect")?;
+    drop(ready_tx);
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    let mut connected = 0;
+    while let Some(result) = ready_rx.recv().await {
+        match result {
+            Ok(()) => connected += 1,
+            Err(error) => *failures.entry(error).or_default() += 1,
+        }
     }
-    let connect_secs = started.elapsed().as_secs_f64();
+    let took = started.elapsed();
+    if connected < count {
+        let reasons: Vec<String> = failures
+            .iter()
+            .map(|(error, n)| format!("{n} × {error}"))
+            .collect();
+        return Err(format!(
+            "{} of {count} streams did not connect: {}",
+            count - connected,
+            reasons.join("; ")
+        )
+        .into());
+    }
+    Ok(took)
+}
+
+/// Publishes events marked for a [`Tally`].
+struct Publisher {
+    target: Target,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Publisher {
+    fn new(target: Target, url: &str) -> Self {
+        Publisher {
+            target,
+            url: url.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Publishes `events`, each `(number, user)`, to user `u{user}` or (`None`) to every
+    /// stream, in one request; returns how many the server says reached no stream.
+    async fn send(&self, run: u64, events: &[(usize, Option<usize>)]) -> Result<usize, Error> {
+        let sent = unix_micros();
+        let data = |n: usize| format!("{{\"bench\":[{run},{n},{sent}]}}");
+        let nomey = |&(n, user): &(usize, Option<usize>)| match user {
+            Some(user) => format!(
+                "{{\"filter\":{{\"userId\":\"u{user}\"}},\"event\":\"bench\",\"data\":{}}}",
+                data(n)
+            ),
+            None => format!("{{\"event\":\"bench\",\"data\":{}}}", data(n)),
+        };
+        let (path, body) = match (self.target, events) {
+            (Target::Nchan, [(n, user)]) => (
+                user.map_or("/pub/all".to_owned(), |user| format!("/pub/u{user}")),
+                data(*n),
+            ),
+            (Target::Nchan, _) => return Err("nchan takes one event per request".into()),
+            (Target::Nomey, [event @ (_, user)]) => (
+                if user.is_some() {
+                    "/api/sse/notify"
+                } else {
+                    "/api/sse/broadcast"
+                }
+                .to_owned(),
+                nomey(event),
+            ),
+            (Target::Nomey, _) => (
+                "/api/sse/batch".to_owned(),
+                format!(
+                    "{{\"events\":[{}]}}",
+                    events.iter().map(nomey).collect::<Vec<_>>().join(",")
+                ),
+            ),
+        };
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if self.target == Target::Nchan {
+            // nchan turns this header into the frame's `event:` line.
+            request = request.header("X-EventSource-Event", "bench");
+        }
+        let response = request.body(body).send().await?;
+        let status = response.status().as_u16();
+        let answer = response.bytes().await?;
+        match (self.target, status) {
+            // 201: delivered to subscribers; 202: queued, with no subscriber.
+            (Target::Nchan, 201) => Ok(0),
+            (Target::Nchan, 202) => Ok(1),
+            (Target::Nomey, 202) => Ok(answer
+                .windows(13)
+                .filter(|w| w == b"\"delivered\":0")
+                .count()),
+            _ => Err(format!(
+                "POST {path}: {status} {}",
+                String::from_utf8_lossy(&answer).trim()
+            )
+            .into()),
+        }
+    }
+}
+
+/// Sends `requests` requests, the events of request `j` given by `events(j)`, from
+/// `concurrency` tasks; request `j` is not sent before `j × pace` after the start.
+/// Returns each request's time and the events the server said reached no stream.
+async fn drive(
+    publisher: &Arc<Publisher>,
+    run: u64,
+    requests: usize,
+    concurrency: usize,
+    pace: Option<Duration>,
+    events: impl Fn(usize) -> Vec<(usize, Option<usize>)> + Send + Sync + 'static,
+) -> Result<(Vec<Duration>, usize), Error> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let events = Arc::new(events);
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..concurrency.min(requests))
+        .map(|_| {
+            let (publisher, next, events) = (publisher.clone(), next.clone(), events.clone());
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                let mut unheard = 0;
+                loop {
+                    let j = next.fetch_add(1, Relaxed);
+                    if j >= requests {
+                        return Ok::<_, Error>((took, unheard));
+                    }
+                    if let Some(pace) = pace {
+                        tokio::time::sleep_until(started + pace.mul_f64(j as f64)).await;
+                    }
+                    let batch = events(j);
+                    let sent = Instant::now();
+                    unheard += publisher.send(run, &batch).await?;
+                    took.push(sent.elapsed());
+                }
+            })
+        })
+        .collect();
+    let mut took = Vec::with_capacity(requests);
+    let mut unheard = 0;
+    for task in tasks {
+        let (times, none) = task.await??;
+        took.extend(times);
+        unheard += none;
+    }
+    took.sort();
+    Ok((took, unheard))
+}
+
+/// The broadcasts `streams` sends once its streams are open.
+struct Broadcasts {
+    /// Timed one by one, `rate` a second.
+    rounds: usize,
+    rate: f64,
+    /// Then sent as fast as `concurrency` requests in flight allow.
+    burst: usize,
+    concurrency: usize,
+}
+
+async fn streams(setup: &Setup, pid: u32, count: usize, plan: Broadcasts) -> Result<(), Error> {
+    if plan.rounds > 0 && (plan.rate.is_nan() || plan.rate <= 0.0) {
+        return Err("--rate (broadcasts a second) must be above 0".into());
+    }
+    let tally = Arc::new(Tally::new(plan.rounds + plan.burst));
+    let before = resident_kib(pid)?;
+    let sources = setup.source_addresses().len();
+    let took = open_streams(setup, count, &tally).await?.as_secs_f64();
     // Let allocations settle before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = resident_kib(pid)?;
     println!(
-        "streams: {count} opened in {connect_secs:.2} s ({:.0}/s)",
-        count as f64 / connect_secs
+        "{}: {count} streams opened from {sources} source address(es) in {took:.2} s ({:.0}/s)",
+        setup.target.name(),
+        count as f64 / took
     );
     println!(
         "server RSS: {before} KiB before, {after} KiB after: {:.1} KiB per idle stream",
-        (after.saturating_sub(before)) as f64 / count as f64
+        after.saturating_sub(before) as f64 / count as f64
     );
+    let publisher = Arc::new(Publisher::new(setup.target, &setup.url));
 
-    let http = reqwest::Client::new();
-    for round in 0..rounds {
-        let sent = Instant::now();
-        let response = http
-            .post(format!("{url}/api/sse/broadcast"))
-            .json(&serde_json::json!({ "event": "bench", "data": { "round": round } }))
-            .send()
-            .await?;
-        let accepted = sent.elapsed();
-        if !response.status().is_success() {
-            return Err(format!("broadcast refused: {}", response.status()).into());
+    if plan.rounds > 0 {
+        let pace = Duration::from_secs_f64(1.0 / plan.rate);
+        let (requests, _) = drive(&publisher, tally.run, plan.rounds, 4, Some(pace), |j| {
+            vec![(j, None)]
+        })
+        .await?;
+        let rounds = plan.rounds;
+        let everywhere = |t: &Tally, n: usize| t.arrivals[n].load(Relaxed) as usize >= count;
+        tally
+            .settle(Duration::from_secs(5), |t| {
+                (0..rounds).all(|n| everywhere(t, n))
+            })
+            .await;
+        let mut last = Vec::new();
+        let mut first = Vec::new();
+        let mut delivered = 0;
+        for n in 0..rounds {
+            delivered += tally.arrivals[n].load(Relaxed) as usize;
+            if everywhere(&tally, n) {
+                last.push(tally.slowest[n].load(Relaxed));
+                first.push(tally.fastest[n].load(Relaxed));
+            }
         }
-        let mut latencies = Vec::with_capacity(count);
-        for _ in 0..count {
-            let at = seen_rx.recv().await.ok_or("streams ended")?;
-            latencies.push(at.saturating_duration_since(sent));
-        }
-        latencies.sort();
+        let in_order = last.clone();
+        last.sort_unstable();
+        first.sort_unstable();
+        let incomplete = rounds - last.len();
         println!(
-            "broadcast {round}: accepted in {:.1} ms; first stream {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, all {count} {:.1} ms",
-            ms(accepted),
-            ms(latencies[0]),
-            ms(latencies[count / 2]),
-            ms(latencies[count * 99 / 100]),
-            ms(latencies[count - 1])
+            "broadcast, {rounds} at {}/s: every stream had it after p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (first stream p50 {:.1} ms); {delivered}/{} delivered{}; request p50 {:.1} ms, max {:.1} ms",
+            plan.rate,
+            micros_ms(quantile(&last, 0.5)),
+            micros_ms(quantile(&last, 0.99)),
+            micros_ms(quantile(&last, 1.0)),
+            micros_ms(quantile(&first, 0.5)),
+            rounds * count,
+            if incomplete > 0 {
+                format!(", {incomplete} round(s) did not reach every stream")
+            } else {
+                String::new()
+            },
+            ms(quantile(&requests, 0.5)),
+            ms(quantile(&requests, 1.0)),
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if rounds <= 20 {
+            let each: Vec<String> = in_order
+                .iter()
+                .map(|&t| format!("{:.1}", micros_ms(t)))
+                .collect();
+            println!("  last stream, round by round (ms): {}", each.join(", "));
+        }
+    }
+
+    if plan.burst > 0 {
+        let (base, burst) = (plan.rounds, plan.burst);
+        let before = tally.total.load(Relaxed);
+        let began = unix_micros();
+        let started = Instant::now();
+        let (requests, _) = drive(
+            &publisher,
+            tally.run,
+            burst,
+            plan.concurrency,
+            None,
+            move |j| vec![(base + j, None)],
+        )
+        .await?;
+        let publish_secs = started.elapsed().as_secs_f64();
+        let expected = (burst * count) as u64;
+        tally
+            .settle(Duration::from_secs(5), |t| {
+                t.total.load(Relaxed) - before >= expected
+            })
+            .await;
+        let delivered = tally.total.load(Relaxed) - before;
+        let span = tally.latest.load(Relaxed).saturating_sub(began) as f64 / 1e6;
+        println!(
+            "burst: {burst} broadcasts from {} request(s) in flight, published in {publish_secs:.2} s ({:.0}/s, \
+             request p50 {:.1} ms, p99 {:.1} ms); {delivered}/{expected} delivered within {span:.2} s: {:.0} events/s",
+            plan.concurrency,
+            burst as f64 / publish_secs,
+            ms(quantile(&requests, 0.5)),
+            ms(quantile(&requests, 0.99)),
+            delivered as f64 / span.max(1e-6),
+        );
+    }
+    let closed = tally.closed.load(Relaxed);
+    if closed > 0 {
+        println!("{closed} streams were closed by the server");
     }
     Ok(())
 }
 
-async fn publish(
-    url: &str,
-    requests: usize,
-    concurrency: usize,
+/// The events `publish` sends.
+struct Publishes {
+    /// Users `u0`.. each with one stream (unless `subscribe` is off); event `n` is for
+    /// user `n % users`.
     users: usize,
-) -> Result<(), Error> {
-    let http = reqwest::Client::new();
-    let url = format!("{url}/api/sse/notify");
-    let per_task = requests / concurrency;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|task| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(per_task);
-                for n in 0..per_task {
-                    let user = (task * per_task + n) % users;
-                    let body = serde_json::json!({
-                        "filter": { "userId": format!("u{user}") },
-                        "event": "notification",
-                        "data": { "message": "bench", "n": n },
-                    });
-                    let sent = Instant::now();
-                    let response = http.post(&url).json(&body).send().await?;
-                    if response.status() != reqwest::StatusCode::ACCEPTED {
-                        return Err(format!("publish refused: {}", response.status()).into());
-                    }
-                    latencies.push(sent.elapsed());
-                }
-                Ok::<_, Error>(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(requests);
-    for task in tasks {
-        latencies.extend(task.await??);
+    events: usize,
+    /// Requests in flight; `rate` events a second when above 0, else as fast as they go.
+    concurrency: usize,
+    rate: f64,
+    /// Events per request (nomey's `/api/sse/batch` when above 1).
+    batch: usize,
+    subscribe: bool,
+}
+
+async fn publish(setup: &Setup, pid: Option<u32>, plan: Publishes) -> Result<(), Error> {
+    let Publishes {
+        users,
+        events,
+        concurrency,
+        rate,
+        batch,
+        subscribe,
+    } = plan;
+    let tally = Arc::new(Tally::new(events));
+    if subscribe {
+        let took = open_streams(setup, users, &tally).await?.as_secs_f64();
+        println!(
+            "{}: {users} streams opened in {took:.2} s ({:.0}/s)",
+            setup.target.name(),
+            users as f64 / took
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    let total = latencies.len();
+    let rss_before = pid.map(resident_kib).transpose()?;
+    let publisher = Arc::new(Publisher::new(setup.target, &setup.url));
+    let requests = events.div_ceil(batch);
+    let pace = (rate > 0.0).then(|| Duration::from_secs_f64(batch as f64 / rate));
+    let started = Instant::now();
+    let (took, unheard) = drive(
+        &publisher,
+        tally.run,
+        requests,
+        concurrency,
+        pace,
+        move |j| {
+            (j * batch..((j + 1) * batch).min(events))
+                .map(|n| (n, Some(n % users)))
+                .collect()
+        },
+    )
+    .await?;
+    let publish_secs = started.elapsed().as_secs_f64();
     println!(
-        "publish: {total} user-targeted events from {concurrency} tasks in {elapsed:.2} s: {:.0}/s; p50 {:.2} ms, p99 {:.2} ms",
-        total as f64 / elapsed,
-        ms(latencies[total / 2]),
-        ms(latencies[total * 99 / 100])
+        "publish: {events} events to {users} users{}, {} per request, {concurrency} request(s) in flight, {}: \
+         {publish_secs:.2} s, {:.0} events/s ({:.0} requests/s); request p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        if subscribe {
+            " (one stream each)"
+        } else {
+            " without streams"
+        },
+        batch,
+        if rate > 0.0 {
+            format!("paced at {rate}/s")
+        } else {
+            "unpaced".to_owned()
+        },
+        events as f64 / publish_secs,
+        requests as f64 / publish_secs,
+        ms(quantile(&took, 0.5)),
+        ms(quantile(&took, 0.99)),
+        ms(quantile(&took, 1.0)),
     );
+    if subscribe {
+        tally
+            .settle(Duration::from_secs(5), |t| {
+                t.total.load(Relaxed) >= events as u64
+            })
+            .await;
+        let mut latencies = Vec::with_capacity(events);
+        let mut repeats = 0;
+        for n in 0..events {
+            let arrivals = tally.arrivals[n].load(Relaxed);
+            if arrivals > 0 {
+                latencies.push(tally.slowest[n].load(Relaxed));
+                repeats += arrivals as usize - 1;
+            }
+        }
+        latencies.sort_unstable();
+        println!(
+            "delivered {}/{events}{}{}; publish to receive p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            latencies.len(),
+            if repeats > 0 {
+                format!(" ({repeats} more than once)")
+            } else {
+                String::new()
+            },
+            if unheard > 0 {
+                format!(", {unheard} reported by the server as reaching no stream")
+            } else {
+                String::new()
+            },
+            micros_ms(quantile(&latencies, 0.5)),
+            micros_ms(quantile(&latencies, 0.99)),
+            micros_ms(quantile(&latencies, 1.0)),
+        );
+    }
+    if let (Some(pid), Some(before)) = (pid, rss_before) {
+        println!(
+            "server RSS: {before} KiB before publishing, {} KiB after",
+            resident_kib(pid)?
+        );
+    }
+    let closed = tally.closed.load(Relaxed);
+    if closed > 0 {
+        println!("{closed} streams were closed by the server");
+    }
     Ok(())
+}
+
+/// The value at quantile `q` of sorted values (the nearest rank below), or the default
+/// for none.
+fn quantile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * q) as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn micros_ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
 }
 
 fn unix_micros() -> u64 {

@@ -60,7 +60,8 @@ const USAGE: &str = "usage: load MODE [--target nomey|nchan] [--url URL] [flags]
   publish [--users N] [--requests N] [--concurrency N] [--rate PER_S] [--batch K (nomey)] [--subscribe 0|1] [--pid PID] [--sources N] [--connecting N]
   churn --pid PID [--streams N] [--connections N] [--idle S]        (nomey)
   bus [--sub-url URL] [--streams N] [--rate PER_S] [--seconds S]    (nomey)
-  replay [--events N] [--users N] [--target-events N]               (nomey; also --target N)";
+  replay [--events N] [--users N] [--target-events N]               (nomey; also --target N)
+  coldstart --binary PATH [--database URL] [--runs N]               (nomey: start to /readyz 200)";
 
 #[tokio::main]
 async fn main() {
@@ -193,8 +194,64 @@ async fn run() -> Result<(), Error> {
             )
             .await
         }
+        "coldstart" => {
+            let binary = flags
+                .get("binary")
+                .ok_or("--binary <server binary> is required")?;
+            let database = flags.get("database").copied().unwrap_or("sqlite::memory:");
+            coldstart(binary, database, number("runs", 20)?).await
+        }
         _ => Err(USAGE.into()),
     }
+}
+
+/// Starts the server binary `runs` times on a free port and times each start until
+/// `/readyz` answers 200 (polled every millisecond), then stops it with SIGTERM.
+async fn coldstart(binary: &str, database: &str, runs: usize) -> Result<(), Error> {
+    let size = std::fs::metadata(binary)?.len();
+    let http = reqwest::Client::new();
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(binary)
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", database)
+            .env("ENABLE_LOGGING", "false")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        loop {
+            if let Ok(response) = http.get(&url).send().await
+                && response.status() == reqwest::StatusCode::OK
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err("not ready within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        times.push(started.elapsed());
+        let pid = child.id().ok_or("the server exited")?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        child.wait().await?;
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "coldstart: {binary} ({:.1} MiB) on {database}: {runs} starts to /readyz 200, min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        size as f64 / 1_048_576.0,
+        ms(times[0]),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1]),
+    );
+    Ok(())
 }
 
 /// The server under test: which routes it has.

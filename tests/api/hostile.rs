@@ -304,3 +304,112 @@ async fn slow_headers_then_a_slow_body_share_one_request_deadline() {
     );
     app.stop().await;
 }
+
+/// Reads from a raw stream connection until `marker` appears; returns all read so far.
+async fn read_until(socket: &mut TcpStream, marker: &str) -> String {
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(marker) {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {marker:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {marker:?} within the patience"));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn a_stream_request_in_pieces_opens_a_chunked_stream_that_the_server_closes_at_its_end() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app_with(&db, &[("MAX_STREAM_DURATION_MS", "300")]).await;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    for piece in [
+        "GE",
+        "T /api/s",
+        "se?userId=u1 HTTP/1.1\r\nHo",
+        "st: test\r\n\r\n",
+    ] {
+        socket.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let head = read_until(&mut socket, "event: connected").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: text/event-stream\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{head}"
+    );
+    // At its end the stream sends the last chunk and the connection closes.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"));
+}
+
+#[tokio::test]
+async fn an_http_1_0_stream_is_sent_without_chunks() {
+    let app = spawn_app(&TestDb::sqlite().await).await;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"GET /api/sse?userId=u1 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let seen = read_until(&mut socket, "event: connected").await;
+    assert!(seen.starts_with("HTTP/1.0 200 OK\r\n"), "{seen}");
+    assert!(!seen.contains("transfer-encoding"), "{seen}");
+    assert!(
+        seen.contains("\r\n\r\nretry: "),
+        "the body starts right after the head: {seen}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_or_oversized_stream_request_gets_400_or_431_and_the_server_keeps_serving() {
+    let app = spawn_app(&TestDb::sqlite().await).await;
+    let wait = Duration::from_secs(2);
+    let malformed = raw_exchange(
+        app.addr,
+        b"GET /api/sse?userId=u1 HTTP/1.1\r\nno colon here\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert!(malformed.starts_with("HTTP/1.1 400 "), "{malformed}");
+    let huge = format!(
+        "GET /api/sse?userId=u1 HTTP/1.1\r\nx-filler: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let oversized = raw_exchange(app.addr, huge.as_bytes(), wait).await;
+    assert!(oversized.starts_with("HTTP/1.1 431 "), "{oversized}");
+    let too_many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let request = format!("GET /api/sse?userId=u1 HTTP/1.1\r\n{too_many}\r\n");
+    let crowded = raw_exchange(app.addr, request.as_bytes(), wait).await;
+    assert!(crowded.starts_with("HTTP/1.1 431 "), "{crowded}");
+    // A refusal from the router is framed here too: a JSON error with its length.
+    let refused = raw_exchange(
+        app.addr,
+        b"GET /api/sse?lastEventId=x HTTP/1.1\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert!(
+        refused.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{refused}"
+    );
+    assert!(refused.contains("\r\ncontent-length: "), "{refused}");
+    assert!(refused.contains("\"error\""), "{refused}");
+
+    let mut stream = app.subscribe("userId=u1").await;
+    stream.connected().await;
+}

@@ -1,4 +1,5 @@
-//! The accept loop: hyper's HTTP/1 connection builder driven directly.
+//! The accept loop: hyper's HTTP/1 connection builder driven directly, except for
+//! `GET /api/sse`, which `sse` serves without HTTP buffers.
 //!
 //! `axum::serve` costs about 11 KB more per idle stream (it rebuilds the router per
 //! connection, and its protocol sniffing grows hyper's read buffer to 16 KB), cannot
@@ -10,7 +11,7 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -22,8 +23,10 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
+
+mod sse;
 
 /// Open connections against the open-files limit, so that streams are refused with 503
 /// while descriptors remain for the database, the listener and everything else.
@@ -93,6 +96,7 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(request_timeout);
     let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -113,33 +117,54 @@ pub async fn serve(
         let handle = ConnectionHandle(kill.clone());
         let router = router.clone();
         let accepted_at = tokio::time::Instant::now();
-        let first = std::sync::atomic::AtomicBool::new(true);
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let started = if first.swap(false, Relaxed) {
-                accepted_at
-            } else {
-                tokio::time::Instant::now()
-            };
-            request.extensions_mut().insert(RequestStart(started));
-            request.extensions_mut().insert(handle.clone());
-            router.clone().oneshot(request.map(Body::new))
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(socket), service));
-        tokio::spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection ended with an error");
+        let watcher = graceful.watcher();
+        let http = http.clone();
+        connections.spawn(async move {
+            let route = sse::route(&socket, accepted_at + request_timeout).await;
+            let served = async {
+                match route {
+                    sse::Route::Stream => {
+                        sse::serve(socket, router, accepted_at, kill.clone(), request_timeout)
+                            .await;
                     }
+                    sse::Route::Other => {
+                        let first = AtomicBool::new(true);
+                        let service =
+                            hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                                let started = if first.swap(false, Relaxed) {
+                                    accepted_at
+                                } else {
+                                    tokio::time::Instant::now()
+                                };
+                                request.extensions_mut().insert(RequestStart(started));
+                                request.extensions_mut().insert(handle.clone());
+                                router.clone().oneshot(request.map(Body::new))
+                            });
+                        let connection =
+                            watcher.watch(http.serve_connection(TokioIo::new(socket), service));
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                    }
+                    sse::Route::Nothing => {}
                 }
+            };
+            tokio::select! {
+                () = served => {}
                 () = kill.cancelled() => {}
             }
             drop(guard);
         });
     }
     drop(listener);
+    connections.close();
+    let drained = async {
+        // Tells hyper's connections to finish; streams end as the hub closes.
+        graceful.shutdown().await;
+        connections.wait().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drained => {}
         () = tokio::time::sleep(drain) => tracing::warn!("connections still open after the shutdown grace period"),
     }
 }

@@ -1,0 +1,284 @@
+//! `GET /api/sse` connections, served without hyper so that an open stream keeps no HTTP
+//! buffers: hyper holds 8 KiB to read and 8 KiB to write for a connection's whole life,
+//! more than everything else a stream costs.
+//!
+//! The request still goes through the router, so access, validation, CORS and errors
+//! are the same as on any route; only the HTTP/1.1 framing is here. The response ends
+//! the connection (`Connection: close`), as a stream's end almost always does anyway.
+
+use std::{io, io::IoSlice};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::Request,
+    http::{HeaderValue, StatusCode, Version, header},
+    response::Response,
+};
+use http_body_util::BodyExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::{ConnectionHandle, RequestStart};
+
+/// The request line's start that this path serves; `?` or a space must follow.
+const STREAM_LINE: &[u8] = b"GET /api/sse";
+/// A request head larger than this gets 431 (a token in a cookie fits many times over).
+const MAX_HEAD: usize = 64 * 1024;
+/// As many header lines as hyper accepts by default.
+const MAX_HEADERS: usize = 100;
+
+/// Who serves a new connection, from its first bytes.
+pub(super) enum Route {
+    /// `GET /api/sse`: this module.
+    Stream,
+    /// Anything else: hyper.
+    Other,
+    /// Nothing arrived in time, or the peer closed: drop the connection.
+    Nothing,
+}
+
+/// Looks at the first bytes without taking them, so hyper can still read them all.
+pub(super) async fn route(socket: &TcpStream, deadline: Instant) -> Route {
+    let mut seen = [0u8; STREAM_LINE.len() + 1];
+    loop {
+        let n = match timeout_at(deadline, socket.peek(&mut seen)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Route::Nothing,
+            Ok(Ok(n)) => n,
+        };
+        if n == seen.len() {
+            let stream = seen.starts_with(STREAM_LINE) && matches!(seen[n - 1], b'?' | b' ');
+            return if stream { Route::Stream } else { Route::Other };
+        }
+        if !STREAM_LINE.starts_with(&seen[..n]) {
+            return Route::Other;
+        }
+        // Part of a request line that may still be a stream's: wait for the rest.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Reads the request head, answers it through the router, writes the response and closes.
+pub(super) async fn serve(
+    mut socket: TcpStream,
+    router: Router,
+    start: Instant,
+    kill: CancellationToken,
+    request_timeout: std::time::Duration,
+) {
+    let request = match timeout_at(start + request_timeout, read_request(&mut socket)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(Refused::Status(status))) => {
+            let _ = socket.write_all(plain_response(status).as_bytes()).await;
+            linger(&mut socket).await;
+            return;
+        }
+        Ok(Err(Refused::Gone)) | Err(_) => return,
+    };
+    let version = request.version();
+    let mut request = request;
+    request.extensions_mut().insert(RequestStart(start));
+    request
+        .extensions_mut()
+        .insert(ConnectionHandle(kill.clone()));
+    let Ok(response) = router.oneshot(request).await;
+    tokio::select! {
+        result = write_response(&mut socket, response, version) => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "stream connection ended with an error");
+            }
+        }
+        () = kill.cancelled() => {}
+    }
+}
+
+/// Closes our side, then reads what the client still sends for up to a second: closing
+/// with unread bytes would reset the connection, and the client might lose the answer.
+async fn linger(socket: &mut TcpStream) {
+    let _ = socket.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Ok(n) = socket.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+enum Refused {
+    /// Answer with this status and close.
+    Status(StatusCode),
+    /// The peer closed or failed: nothing to answer.
+    Gone,
+}
+
+async fn read_request(socket: &mut TcpStream) -> Result<Request, Refused> {
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        if head.len() >= MAX_HEAD {
+            return Err(Refused::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        head.reserve(1024);
+        let searched = head.len().saturating_sub(3);
+        match socket.read_buf(&mut head).await {
+            Ok(0) | Err(_) => return Err(Refused::Gone),
+            Ok(_) => {}
+        }
+        if head[searched..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return parse_request(&head);
+        }
+    }
+}
+
+fn parse_request(head: &[u8]) -> Result<Request, Refused> {
+    let bad = |_| Refused::Status(StatusCode::BAD_REQUEST);
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut lines);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refused::Status(StatusCode::BAD_REQUEST)),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refused::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        Err(_) => return Err(Refused::Status(StatusCode::BAD_REQUEST)),
+    }
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut request = Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"))
+        .version(version);
+    for line in parsed.headers.iter() {
+        request = request.header(line.name, line.value);
+    }
+    request.body(Body::empty()).map_err(bad)
+}
+
+/// A response to a request this path could not read; the connection closes after it.
+fn plain_response(status: StatusCode) -> String {
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\ndate: {}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    )
+}
+
+async fn write_response(
+    socket: &mut TcpStream,
+    response: Response,
+    version: Version,
+) -> io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let length = axum::body::HttpBody::size_hint(&body).exact();
+    // HTTP/1.0 has no chunks: such a body ends when the connection closes.
+    let chunked = length.is_none() && version == Version::HTTP_11;
+    let mut head = format!(
+        "{} {} {}\r\n",
+        if version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        },
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or(""),
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(length) = length
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+    }
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    let date = HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()));
+    if let Ok(date) = date {
+        head.extend_from_slice(b"date: ");
+        head.extend_from_slice(date.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    // Nothing of the head stays with the open stream.
+    drop(parts);
+    socket.write_all(&head).await?;
+    drop(head);
+
+    loop {
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        write_data(socket, &data, chunked).await?;
+                    }
+                }
+                Some(Err(error)) => return Err(io::Error::other(error)),
+                None => break,
+            },
+            () = closed_by_peer(socket) => return Ok(()),
+        }
+    }
+    if chunked {
+        socket.write_all(b"0\r\n\r\n").await?;
+    }
+    socket.shutdown().await
+}
+
+async fn write_data(socket: &mut TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if !chunked {
+        return socket.write_all(data).await;
+    }
+    let size = format!("{:x}\r\n", data.len());
+    let mut parts = [
+        IoSlice::new(size.as_bytes()),
+        IoSlice::new(data),
+        IoSlice::new(b"\r\n"),
+    ];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        let written = socket.write_vectored(parts).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut parts, written);
+    }
+    Ok(())
+}
+
+/// Completes when the peer closes its side or the connection fails. Bytes it sends meanwhile
+/// are read and dropped: a stream's request has no body.
+async fn closed_by_peer(socket: &TcpStream) {
+    let mut sink = [0u8; 64];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}

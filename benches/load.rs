@@ -124,7 +124,7 @@ async fn run() -> Result<(), Error> {
             open_files,
         })
     };
-    if target == Target::Nchan && ["churn", "bus", "replay"].contains(&mode.as_str()) {
+    if target == Target::Nchan && ["churn", "bus", "replay", "coldstart"].contains(&mode.as_str()) {
         return Err(format!("{mode} is for nomey only").into());
     }
     match mode.as_str() {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures_channel::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::ClientInfo;
@@ -33,6 +33,9 @@ pub struct Frame {
 pub struct Client {
     pub info: ClientInfo,
     queued_bytes: AtomicUsize,
+    /// Frames waiting: the queue itself is unbounded, so that an idle stream holds no
+    /// preallocated slots, and bounded here.
+    queued_frames: AtomicUsize,
     /// Hub clock (ms) of the last write, or of the moment the queue stopped being empty.
     last_progress: AtomicI64,
     events_sent: AtomicU64,
@@ -59,6 +62,7 @@ impl Client {
         Self {
             info,
             queued_bytes: AtomicUsize::new(0),
+            queued_frames: AtomicUsize::new(0),
             last_progress: AtomicI64::new(now),
             events_sent: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
@@ -103,6 +107,7 @@ impl Client {
     pub(super) fn wrote(&self, len: usize, stored: bool, from_queue: bool, now: i64, wall: i64) {
         if from_queue {
             self.queued_bytes.fetch_sub(len, Relaxed);
+            self.queued_frames.fetch_sub(1, Relaxed);
         }
         self.last_progress.store(now, Relaxed);
         if stored {
@@ -114,6 +119,7 @@ impl Client {
     /// A queued frame that the stream will not send after all.
     pub(super) fn skipped(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Relaxed);
+        self.queued_frames.fetch_sub(1, Relaxed);
     }
 
     /// Data has waited and none was accepted for longer than `timeout_ms`.
@@ -128,7 +134,7 @@ impl Client {
 #[derive(Debug)]
 pub(super) struct Slot {
     pub client: std::sync::Arc<Client>,
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: mpsc::UnboundedSender<Frame>,
 }
 
 impl Slot {
@@ -140,25 +146,24 @@ impl Slot {
         }
         let len = frame.bytes.len();
         let before = client.queued_bytes.fetch_add(len, Relaxed);
-        if before > 0 && before + len > QUEUE_BYTES {
+        let frames = client.queued_frames.fetch_add(1, Relaxed);
+        let undo = || {
             client.queued_bytes.fetch_sub(len, Relaxed);
+            client.queued_frames.fetch_sub(1, Relaxed);
+        };
+        if frames >= QUEUE_EVENTS || (before > 0 && before + len > QUEUE_BYTES) {
+            undo();
             return Err(Offer::TooSlow);
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => {
-                if before == 0 {
-                    // The stall clock starts when there is something to write.
-                    client.last_progress.store(now, Relaxed);
-                }
-                Ok(())
-            }
-            Err(err) => {
-                client.queued_bytes.fetch_sub(len, Relaxed);
-                match err {
-                    mpsc::error::TrySendError::Full(_) => Err(Offer::TooSlow),
-                    mpsc::error::TrySendError::Closed(_) => Err(Offer::Gone),
-                }
-            }
+        if self.tx.unbounded_send(frame).is_err() {
+            // Only a dropped receiver refuses a frame.
+            undo();
+            return Err(Offer::Gone);
         }
+        if before == 0 {
+            // The stall clock starts when there is something to write.
+            client.last_progress.store(now, Relaxed);
+        }
+        Ok(())
     }
 }

@@ -21,13 +21,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{sync::mpsc, time::Instant};
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use client::{Client, Frame};
 
-use client::{Offer, QUEUE_EVENTS, Slot};
+use client::{Offer, Slot};
 use cutoff::CutOff;
 use registry::Registry;
 
@@ -86,14 +88,14 @@ pub struct Registration {
     /// Events up to this id were dispatched before the stream registered: they come from
     /// the store (replay, pending); every later one arrives on the queue.
     pub cursor: i64,
-    rx: mpsc::Receiver<Frame>,
+    rx: mpsc::UnboundedReceiver<Frame>,
     hub: Hub,
 }
 
 impl Registration {
     /// The next queued frame; `None` once the hub has let the stream go.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
-        self.rx.poll_recv(cx)
+        self.rx.poll_next_unpin(cx)
     }
 
     /// Records that a frame of `len` bytes was written (`stored`: it has an id;
@@ -197,7 +199,7 @@ impl Hub {
         info: ClientInfo,
         kill: CancellationToken,
     ) -> Result<Registration, RegisterError> {
-        let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
+        let (tx, rx) = mpsc::unbounded();
         let client = Arc::new(Client::new(info, kill, self.clock()));
         let mut reg = self.write();
         if reg.closed {

@@ -8,7 +8,9 @@
 //! and counts against the open-files budget.
 
 use std::{
+    future::Future,
     io,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
@@ -121,33 +123,38 @@ pub async fn serve(
         let http = http.clone();
         connections.spawn(async move {
             let route = sse::route(&socket, accepted_at + request_timeout).await;
-            let served = async {
-                match route {
-                    sse::Route::Stream => {
-                        sse::serve(socket, router, accepted_at, kill.clone(), request_timeout)
-                            .await;
-                    }
-                    sse::Route::Other => {
-                        let first = AtomicBool::new(true);
-                        let service =
-                            hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                                let started = if first.swap(false, Relaxed) {
-                                    accepted_at
-                                } else {
-                                    tokio::time::Instant::now()
-                                };
-                                request.extensions_mut().insert(RequestStart(started));
-                                request.extensions_mut().insert(handle.clone());
-                                router.clone().oneshot(request.map(Body::new))
-                            });
-                        let connection =
-                            watcher.watch(http.serve_connection(TokioIo::new(socket), service));
+            // Each kind of connection in its own allocation: a task's future is as large as
+            // its largest state, and hyper's connection would make every stream's as large.
+            let served: Pin<Box<dyn Future<Output = ()> + Send>> = match route {
+                sse::Route::Stream => Box::pin(sse::serve(
+                    socket,
+                    router,
+                    accepted_at,
+                    kill.clone(),
+                    request_timeout,
+                )),
+                sse::Route::Other => {
+                    let first = AtomicBool::new(true);
+                    let service =
+                        hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                            let started = if first.swap(false, Relaxed) {
+                                accepted_at
+                            } else {
+                                tokio::time::Instant::now()
+                            };
+                            request.extensions_mut().insert(RequestStart(started));
+                            request.extensions_mut().insert(handle.clone());
+                            router.clone().oneshot(request.map(Body::new))
+                        });
+                    let connection =
+                        watcher.watch(http.serve_connection(TokioIo::new(socket), service));
+                    Box::pin(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
-                    }
-                    sse::Route::Nothing => {}
+                    })
                 }
+                sse::Route::Nothing => Box::pin(std::future::ready(())),
             };
             tokio::select! {
                 () = served => {}

@@ -15,6 +15,7 @@ use axum::{
     http::{HeaderValue, StatusCode, Version, header},
     response::Response,
 };
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -32,6 +33,8 @@ const STREAM_LINE: &[u8] = b"GET /api/sse";
 const MAX_HEAD: usize = 64 * 1024;
 /// As many header lines as hyper accepts by default.
 const MAX_HEADERS: usize = 100;
+/// Most queued frames sent in one write.
+const MAX_BATCH: usize = 64;
 
 /// Who serves a new connection, from its first bytes.
 pub(super) enum Route {
@@ -71,7 +74,13 @@ pub(super) async fn serve(
     kill: CancellationToken,
     request_timeout: std::time::Duration,
 ) {
-    let request = match timeout_at(start + request_timeout, read_request(&mut socket)).await {
+    // Boxed, as is the handler below: a future is as large as its largest state, and
+    // what reading the head needs would otherwise stay with the open stream.
+    let reading = Box::pin(timeout_at(
+        start + request_timeout,
+        read_request(&mut socket),
+    ));
+    let request = match reading.await {
         Ok(Ok(request)) => request,
         Ok(Err(Refused::Status(status))) => {
             let _ = socket.write_all(plain_response(status).as_bytes()).await;
@@ -86,7 +95,7 @@ pub(super) async fn serve(
     request
         .extensions_mut()
         .insert(ConnectionHandle(kill.clone()));
-    let Ok(response) = router.oneshot(request).await;
+    let Ok(response) = Box::pin(router.oneshot(request)).await;
     tokio::select! {
         result = write_response(&mut socket, response, version) => {
             if let Err(error) = result {
@@ -99,17 +108,10 @@ pub(super) async fn serve(
 
 /// Closes our side, then reads what the client still sends for up to a second: closing
 /// with unread bytes would reset the connection, and the client might lose the answer.
+/// (Every state of `serve` counts towards each stream's size: no buffers across awaits.)
 async fn linger(socket: &mut TcpStream) {
     let _ = socket.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        while let Ok(n) = socket.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed_by_peer(socket)).await;
 }
 
 enum Refused {
@@ -222,19 +224,32 @@ async fn write_response(
     socket.write_all(&head).await?;
     drop(head);
 
-    loop {
-        tokio::select! {
+    let mut ended = false;
+    while !ended {
+        let first = tokio::select! {
             frame = body.frame() => match frame {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        write_data(socket, &data, chunked).await?;
-                    }
-                }
+                Some(Ok(frame)) => frame.into_data().ok(),
                 Some(Err(error)) => return Err(io::Error::other(error)),
                 None => break,
             },
             () = closed_by_peer(socket) => return Ok(()),
+        };
+        let Some(first) = first else { continue };
+        // Whatever else is already queued goes out in the same write: in a burst, one
+        // system call for many events.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => batch.extend(frame.into_data().ok()),
+                Some(Some(Err(error))) => return Err(io::Error::other(error)),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
         }
+        write_data(socket, &batch, chunked).await?;
     }
     if chunked {
         socket.write_all(b"0\r\n\r\n").await?;
@@ -242,19 +257,22 @@ async fn write_response(
     socket.shutdown().await
 }
 
-async fn write_data(socket: &mut TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
-    if data.is_empty() {
+/// Writes `batch` as one chunk (or raw, without chunks), with one vectored write when
+/// the socket takes it all.
+async fn write_data(socket: &mut TcpStream, batch: &[Bytes], chunked: bool) -> io::Result<()> {
+    let length: usize = batch.iter().map(Bytes::len).sum();
+    if length == 0 {
         return Ok(());
     }
-    if !chunked {
-        return socket.write_all(data).await;
+    let size = format!("{length:x}\r\n");
+    let mut parts = Vec::with_capacity(batch.len() + 2);
+    if chunked {
+        parts.push(IoSlice::new(size.as_bytes()));
     }
-    let size = format!("{:x}\r\n", data.len());
-    let mut parts = [
-        IoSlice::new(size.as_bytes()),
-        IoSlice::new(data),
-        IoSlice::new(b"\r\n"),
-    ];
+    parts.extend(batch.iter().map(|data| IoSlice::new(data)));
+    if chunked {
+        parts.push(IoSlice::new(b"\r\n"));
+    }
     let mut parts = &mut parts[..];
     while !parts.is_empty() {
         let written = socket.write_vectored(parts).await?;
@@ -269,11 +287,12 @@ async fn write_data(socket: &mut TcpStream, data: &Bytes, chunked: bool) -> io::
 /// Completes when the peer closes its side or the connection fails. Bytes it sends meanwhile
 /// are read and dropped: a stream's request has no body.
 async fn closed_by_peer(socket: &TcpStream) {
-    let mut sink = [0u8; 64];
     loop {
         if socket.readable().await.is_err() {
             return;
         }
+        // Not held across an await, so it takes no room in the stream's future.
+        let mut sink = [0u8; 4096];
         match socket.try_read(&mut sink) {
             Ok(0) => return,
             Ok(_) => {}

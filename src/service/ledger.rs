@@ -29,6 +29,7 @@ const MAX_SETTLED: usize = 100_000;
 pub(crate) struct Ledger {
     events_written: AtomicU64,
     connections: AtomicU64,
+    ended: AtomicU64,
     last_event_at: AtomicI64,
     /// Ended sessions saved as a count only, and settlements dropped, at the bounds.
     pub dropped_sessions: AtomicU64,
@@ -67,6 +68,7 @@ impl Ledger {
         Self {
             events_written: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
             dropped_sessions: AtomicU64::new(0),
             dropped_settlements: AtomicU64::new(0),
@@ -90,6 +92,7 @@ impl Ledger {
     }
 
     pub fn closed(&self, session: SessionRecord) {
+        self.ended.fetch_add(1, Relaxed);
         let mut rest = self.rest();
         if rest.closed.len() < self.limits.0 {
             rest.closed.push(session);
@@ -170,6 +173,11 @@ impl Ledger {
     /// Streams opened on this instance since it started.
     pub fn connections(&self) -> u64 {
         self.connections.load(Relaxed)
+    }
+
+    /// Streams ended on this instance since it started.
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Relaxed)
     }
 
     /// Takes everything recorded since the last take; the second value says whether

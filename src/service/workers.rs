@@ -157,10 +157,11 @@ pub(super) async fn flush_loop(service: EventService) {
             Err(_) => {}
         }
         if count.is_multiple_of(REAP_EVERY) {
-            // Streams came and went since the last look: give their memory back.
-            let connections = service.inner.ledger.connections();
-            if connections != churned_through {
-                churned_through = connections;
+            // Streams ended since the last look: give their memory back. (Not on opens
+            // alone: a trim holds the allocator's locks, which stalls delivery.)
+            let ended = service.inner.ledger.ended();
+            if ended != churned_through {
+                churned_through = ended;
                 let _ = tokio::task::spawn_blocking(release_freed_memory).await;
             }
         }

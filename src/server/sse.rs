@@ -29,8 +29,10 @@ use super::{ConnectionHandle, RequestStart};
 
 /// The request line's start that this path serves; `?` or a space must follow.
 const STREAM_LINE: &[u8] = b"GET /api/sse";
-/// A request head larger than this gets 431 (a token in a cookie fits many times over).
-const MAX_HEAD: usize = 64 * 1024;
+/// Limits as hyper's on every other route: a head over this gets 431 (414 if its request
+/// line alone is that long), and so does a URI over `MAX_URI` (414).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+const MAX_URI: usize = 65_534;
 /// As many header lines as hyper accepts by default.
 const MAX_HEADERS: usize = 100;
 /// Most queued frames sent in one write.
@@ -124,14 +126,19 @@ enum Refused {
 async fn read_request(socket: &mut TcpStream) -> Result<Request, Refused> {
     let mut head = Vec::with_capacity(1024);
     loop {
-        if head.len() >= MAX_HEAD {
-            return Err(Refused::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-        }
-        head.reserve(1024);
+        head.reserve(4096);
         let searched = head.len().saturating_sub(3);
         match socket.read_buf(&mut head).await {
             Ok(0) | Err(_) => return Err(Refused::Gone),
             Ok(_) => {}
+        }
+        if head.len() > MAX_HEAD {
+            let line_ended = head.windows(2).any(|w| w == b"\r\n");
+            return Err(Refused::Status(if line_ended {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            } else {
+                StatusCode::URI_TOO_LONG
+            }));
         }
         if head[searched..].windows(4).any(|w| w == b"\r\n\r\n") {
             return parse_request(&head);
@@ -150,6 +157,9 @@ fn parse_request(head: &[u8]) -> Result<Request, Refused> {
             return Err(Refused::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
         }
         Err(_) => return Err(Refused::Status(StatusCode::BAD_REQUEST)),
+    }
+    if parsed.path.is_some_and(|path| path.len() > MAX_URI) {
+        return Err(Refused::Status(StatusCode::URI_TOO_LONG));
     }
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,

@@ -376,7 +376,8 @@ async fn an_http_1_0_stream_is_sent_without_chunks() {
 }
 
 #[tokio::test]
-async fn an_unreadable_or_oversized_stream_request_gets_400_or_431_and_the_server_keeps_serving() {
+async fn an_unreadable_or_oversized_stream_request_gets_400_414_or_431_and_the_server_keeps_serving()
+ {
     let app = spawn_app(&TestDb::sqlite().await).await;
     let wait = Duration::from_secs(2);
     let malformed = raw_exchange(
@@ -386,12 +387,19 @@ async fn an_unreadable_or_oversized_stream_request_gets_400_or_431_and_the_serve
     )
     .await;
     assert!(malformed.starts_with("HTTP/1.1 400 "), "{malformed}");
+    // The same limits as hyper's on the other routes.
     let huge = format!(
         "GET /api/sse?userId=u1 HTTP/1.1\r\nx-filler: {}\r\n\r\n",
-        "a".repeat(70_000)
+        "a".repeat(420_000)
     );
     let oversized = raw_exchange(app.addr, huge.as_bytes(), wait).await;
     assert!(oversized.starts_with("HTTP/1.1 431 "), "{oversized}");
+    let long = format!(
+        "GET /api/sse?userId=u1&x={} HTTP/1.1\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let too_long = raw_exchange(app.addr, long.as_bytes(), wait).await;
+    assert!(too_long.starts_with("HTTP/1.1 414 "), "{too_long}");
     let too_many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
     let request = format!("GET /api/sse?userId=u1 HTTP/1.1\r\n{too_many}\r\n");
     let crowded = raw_exchange(app.addr, request.as_bytes(), wait).await;

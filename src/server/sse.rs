@@ -63,8 +63,9 @@ pub(super) async fn route(socket: &TcpStream, deadline: Instant) -> Route {
         if !STREAM_LINE.starts_with(&seen[..n]) {
             return Route::Other;
         }
-        // Part of a request line that may still be a stream's: wait for the rest.
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        // Part of a request line that may still be a stream's: wait for the rest. (Peeking
+        // leaves the socket readable, so waiting for readiness would not wait.)
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 
@@ -82,7 +83,7 @@ pub(super) async fn serve(
         start + request_timeout,
         read_request(&mut socket),
     ));
-    let request = match reading.await {
+    let mut request = match reading.await {
         Ok(Ok(request)) => request,
         Ok(Err(Refused::Status(status))) => {
             let _ = socket.write_all(plain_response(status).as_bytes()).await;
@@ -92,7 +93,6 @@ pub(super) async fn serve(
         Ok(Err(Refused::Gone)) | Err(_) => return,
     };
     let version = request.version();
-    let mut request = request;
     request.extensions_mut().insert(RequestStart(start));
     request
         .extensions_mut()

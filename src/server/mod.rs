@@ -97,6 +97,8 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(request_timeout);
+    // Shared by every connection's task, which holds it for its whole life.
+    let http = Arc::new(http);
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     loop {
@@ -120,7 +122,7 @@ pub async fn serve(
         let router = router.clone();
         let accepted_at = tokio::time::Instant::now();
         let watcher = graceful.watcher();
-        let http = http.clone();
+        let http = Arc::clone(&http);
         connections.spawn(async move {
             let route = sse::route(&socket, accepted_at + request_timeout).await;
             // Each kind of connection in its own allocation: a task's future is as large as

@@ -12,7 +12,7 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::Request,
-    http::{HeaderValue, StatusCode, Version, header},
+    http::{StatusCode, Version, header},
     response::Response,
 };
 use futures_util::FutureExt;
@@ -35,7 +35,7 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 const MAX_URI: usize = 65_534;
 /// As many header lines as hyper accepts by default.
 const MAX_HEADERS: usize = 100;
-/// Most queued frames sent in one write.
+/// Most queued frames sent in one write after the first.
 const MAX_BATCH: usize = 64;
 
 /// Who serves a new connection, from its first bytes.
@@ -181,8 +181,12 @@ fn plain_response(status: StatusCode) -> String {
         "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\ndate: {}\r\n\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
-        httpdate::fmt_http_date(std::time::SystemTime::now()),
+        now_date(),
     )
+}
+
+fn now_date() -> String {
+    httpdate::fmt_http_date(std::time::SystemTime::now())
 }
 
 async fn write_response(
@@ -222,12 +226,7 @@ async fn write_response(
     if chunked {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    let date = HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()));
-    if let Ok(date) = date {
-        head.extend_from_slice(b"date: ");
-        head.extend_from_slice(date.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    head.extend_from_slice(format!("date: {}\r\n", now_date()).as_bytes());
     head.extend_from_slice(b"connection: close\r\n\r\n");
     // Nothing of the head stays with the open stream.
     drop(parts);
@@ -246,11 +245,11 @@ async fn write_response(
         };
         let Some(first) = first else { continue };
         // Whatever else is already queued goes out in the same write: in a burst, one
-        // system call for many events.
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        // system call for many events. (`more` allocates only when there is more.)
+        let mut more = Vec::new();
+        while more.len() < MAX_BATCH {
             match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => batch.extend(frame.into_data().ok()),
+                Some(Some(Ok(frame))) => more.extend(frame.into_data().ok()),
                 Some(Some(Err(error))) => return Err(io::Error::other(error)),
                 Some(None) => {
                     ended = true;
@@ -259,7 +258,7 @@ async fn write_response(
                 None => break,
             }
         }
-        write_data(socket, &batch, chunked).await?;
+        write_data(socket, &first, &more, chunked).await?;
     }
     if chunked {
         socket.write_all(b"0\r\n\r\n").await?;
@@ -267,23 +266,45 @@ async fn write_response(
     socket.shutdown().await
 }
 
-/// Writes `batch` as one chunk (or raw, without chunks), with one vectored write when
-/// the socket takes it all.
-async fn write_data(socket: &mut TcpStream, batch: &[Bytes], chunked: bool) -> io::Result<()> {
-    let length: usize = batch.iter().map(Bytes::len).sum();
+/// Writes `first` and `more` as one chunk (or raw, without chunks): one vectored write
+/// when the socket takes it all, and no allocation for a lone frame.
+async fn write_data(
+    socket: &mut TcpStream,
+    first: &Bytes,
+    more: &[Bytes],
+    chunked: bool,
+) -> io::Result<()> {
+    let length = first.len() + more.iter().map(Bytes::len).sum::<usize>();
     if length == 0 {
         return Ok(());
     }
-    let size = format!("{length:x}\r\n");
-    let mut parts = Vec::with_capacity(batch.len() + 2);
-    if chunked {
-        parts.push(IoSlice::new(size.as_bytes()));
+    let mut size = [0u8; 18];
+    let size = chunk_size(&mut size, length);
+    let (head, tail): (&[u8], &[u8]) = if chunked { (size, b"\r\n") } else { (b"", b"") };
+    if more.is_empty() {
+        let mut parts = [IoSlice::new(head), IoSlice::new(first), IoSlice::new(tail)];
+        return write_all_vectored(socket, &mut parts).await;
     }
-    parts.extend(batch.iter().map(|data| IoSlice::new(data)));
-    if chunked {
-        parts.push(IoSlice::new(b"\r\n"));
-    }
-    let mut parts = &mut parts[..];
+    let mut parts = Vec::with_capacity(more.len() + 3);
+    parts.push(IoSlice::new(head));
+    parts.push(IoSlice::new(first));
+    parts.extend(more.iter().map(|data| IoSlice::new(data)));
+    parts.push(IoSlice::new(tail));
+    write_all_vectored(socket, &mut parts).await
+}
+
+/// A chunk's size line, `<hex>\r\n`, written into `buf`.
+fn chunk_size(buf: &mut [u8; 18], length: usize) -> &[u8] {
+    use std::io::Write;
+    let mut rest = &mut buf[..];
+    // 16 hex digits and CRLF always fit.
+    let _ = write!(rest, "{length:x}\r\n");
+    let written = 18 - rest.len();
+    &buf[..written]
+}
+
+async fn write_all_vectored(socket: &mut TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut parts = parts;
     while !parts.is_empty() {
         let written = socket.write_vectored(parts).await?;
         if written == 0 {

@@ -11,7 +11,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::helpers::PATIENCE;
+use crate::helpers::{PATIENCE, signal, wait_for_log};
 
 /// Serves `router` on a free loopback port.
 async fn stand_in(router: Router) -> SocketAddr {
@@ -21,41 +21,13 @@ async fn stand_in(router: Router) -> SocketAddr {
     addr
 }
 
-/// Reads the child's JSON log lines until one's message contains `message`, then keeps
-/// draining them so the child never blocks on a full pipe. Returns that line.
-async fn wait_for_log(child: &mut Child, message: &str) -> Value {
+/// Waits for the child's log line containing `message`, then keeps draining its output so
+/// that it never blocks on a full pipe.
+async fn logged(child: &mut Child, message: &str) -> Value {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let found = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"));
-            let Ok(line) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if line["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains(message))
-            {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no log line with {message:?}"));
+    let found = wait_for_log(&mut lines, message).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     found
-}
-
-fn terminate(child: &Child) {
-    let pid = child.id().expect("the process is running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 fn binary(path: &str) -> Command {
@@ -117,7 +89,7 @@ mod shuttle {
             .env("SHUTTLE_RUNTIME_PORT", port.to_string())
             .spawn()
             .expect("start the Shuttle binary");
-        let listening = wait_for_log(&mut child, "nomey-sse listening").await;
+        let listening = logged(&mut child, "nomey-sse listening").await;
         let instance = listening["fields"]["instance_id"]
             .as_str()
             .unwrap()
@@ -158,7 +130,7 @@ mod shuttle {
             }
         }
 
-        terminate(&child);
+        signal(&child, "TERM");
         let ended = tokio::time::timeout(PATIENCE, async {
             while let Some(Ok(_)) = events.next().await {}
         })
@@ -405,7 +377,7 @@ mod lambda {
             .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
             .spawn()
             .expect("start the Lambda binary");
-        wait_for_log(&mut child, "nomey-sse ready").await;
+        logged(&mut child, "nomey-sse ready").await;
 
         queue
             .send(("first".into(), sse_request("userId=u1", None)))
@@ -460,7 +432,7 @@ mod lambda {
             "no invocation reported an error"
         );
 
-        terminate(&child);
+        signal(&child, "TERM");
         let stopped = tokio::time::timeout(PATIENCE, child.wait()).await;
         assert!(stopped.expect("stops after SIGTERM").unwrap().success());
     }

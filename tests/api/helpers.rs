@@ -376,3 +376,40 @@ pub async fn error_code(response: reqwest::Response, status: StatusCode) -> Stri
         .expect("error.code")
         .to_owned()
 }
+
+/// Sends the signal `name` (`TERM`, `KILL`, `STOP`, …) to a child process.
+pub fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("the process is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Reads JSON log lines until one's message contains `message`, and returns that line.
+pub async fn wait_for_log(
+    logs: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    message: &str,
+) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let line = logs
+                .next_line()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"));
+            let Ok(line) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(message))
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line with {message:?}"))
+}

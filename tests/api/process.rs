@@ -7,12 +7,15 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
 };
 
 use crate::{
-    helpers::{PATIENCE, TestDb, error_code, eventually, postgres_admin_url, stuck_stream},
+    helpers::{
+        PATIENCE, TestDb, error_code, eventually, postgres_admin_url, signal, stuck_stream,
+        wait_for_log,
+    },
     on_both_backends,
 };
 
@@ -121,51 +124,17 @@ impl Server {
     }
 
     fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("the server is running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(&self.child, name);
     }
 }
 
 /// Sends SIGTERM and waits for the process to exit.
 async fn stop_gracefully(child: &mut Child) {
-    let pid = child.id().expect("the server is running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(child, "TERM");
     tokio::time::timeout(PATIENCE, child.wait())
         .await
         .expect("exits after SIGTERM")
         .unwrap();
-}
-
-/// Reads log lines until one's message contains `message`.
-async fn wait_for_log(logs: &mut Lines<BufReader<ChildStdout>>, message: &str) -> Value {
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            let line = logs
-                .next_line()
-                .await
-                .unwrap()
-                .unwrap_or_else(|| panic!("the server exited before logging {message:?}"));
-            let Ok(line) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if line["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains(message))
-            {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no log line with {message:?}"))
 }
 
 #[tokio::test]

@@ -132,6 +132,18 @@ pub struct Dispatch<'a> {
     pub filter: Option<&'a Filter>,
     /// Users for whom the event also waits in the pending table.
     pub pending_users: &'a [String],
+    /// Users with no pending row, because they had a stream here when the event was
+    /// published: `dispatch` says which of them no stream was handed it to.
+    pub expected_users: &'a [String],
+}
+
+/// What `dispatch` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Handed<'a> {
+    /// Streams that took the event.
+    pub streams: usize,
+    /// Those of `expected_users` with no stream that took it.
+    pub missed: Vec<&'a str>,
 }
 
 impl Hub {
@@ -233,9 +245,10 @@ impl Hub {
         self.write().remove(id);
     }
 
-    /// Hands an event to every matching stream; returns how many took it.
-    pub fn dispatch(&self, event: &Dispatch<'_>) -> usize {
+    /// Hands an event to every matching stream.
+    pub fn dispatch<'a>(&self, event: &Dispatch<'a>) -> Handed<'a> {
         let mut delivered = 0;
+        let mut reached = vec![false; event.expected_users.len()];
         let mut too_slow = Vec::new();
         let now = self.clock();
         {
@@ -257,14 +270,30 @@ impl Hub {
                     settles_pending,
                 };
                 match slot.offer(frame, now) {
-                    Ok(()) => delivered += 1,
+                    Ok(()) => {
+                        delivered += 1;
+                        if let Some(user) = &client.info.user_id
+                            && let Some(i) = event.expected_users.iter().position(|u| u == user)
+                        {
+                            reached[i] = true;
+                        }
+                    }
                     Err(Offer::TooSlow) => too_slow.push(client.info.client_id),
                     Err(Offer::Gone) => {}
                 }
             });
         }
         self.cut_off(&too_slow, CutOff::TooSlow);
-        delivered
+        Handed {
+            streams: delivered,
+            missed: event
+                .expected_users
+                .iter()
+                .zip(reached)
+                .filter(|(_, reached)| !reached)
+                .map(|(user, _)| user.as_str())
+                .collect(),
+        }
     }
 
     /// Sends a heartbeat to every stream; one whose queue is full is cut off. (Stalled
@@ -367,7 +396,9 @@ mod tests {
             frame: Bytes::from_static(b"x"),
             filter,
             pending_users: &[],
+            expected_users: &[],
         })
+        .streams
     }
 
     #[tokio::test]
@@ -379,6 +410,27 @@ mod tests {
         assert_eq!(a.rx.try_recv().unwrap().id, 1);
         assert!(b.rx.try_recv().is_err());
         assert_eq!(dispatch(&hub, 2, None), 2);
+    }
+
+    #[tokio::test]
+    async fn dispatch_names_the_expected_users_whom_no_stream_took_it_for() {
+        let hub = hub(10, Duration::from_secs(90));
+        let _a = hub.register(info("a"), CancellationToken::new()).unwrap();
+        let expected = ["a".to_owned(), "gone".to_owned()];
+        let handed = hub.dispatch(&Dispatch {
+            id: 1,
+            frame: Bytes::from_static(b"x"),
+            filter: None,
+            pending_users: &[],
+            expected_users: &expected,
+        });
+        assert_eq!(
+            handed,
+            Handed {
+                streams: 1,
+                missed: vec!["gone"]
+            }
+        );
     }
 
     #[tokio::test]
@@ -439,6 +491,7 @@ mod tests {
                 frame: big.clone(),
                 filter: None,
                 pending_users: &[],
+                expected_users: &[],
             });
         }
         assert!(kill.is_cancelled());

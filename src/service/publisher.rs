@@ -86,13 +86,18 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
         replies.push((r.events.len(), r.reply));
         r.events
     });
-    let (records, filters): (Vec<NewEvent>, Vec<_>) = prepared
+    let (records, targets): (Vec<NewEvent>, Vec<_>) = prepared
         .map(|r| {
             let target_users = r
                 .filter
                 .as_ref()
                 .map(Filter::target_users)
                 .unwrap_or_default();
+            let absent_here = hub.without_streams(&target_users);
+            let present: Vec<String> = target_users
+                .into_iter()
+                .filter(|u| !absent_here.contains(u))
+                .collect();
             let record = NewEvent {
                 kind: r.kind.into(),
                 data: r.data,
@@ -102,11 +107,10 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
                     .as_ref()
                     .map(|f| serde_json::to_string(f).unwrap_or_default()),
                 audience: Filter::audience(r.filter.as_ref()),
-                absent_here: hub.without_streams(&target_users),
-                target_users,
+                absent_here,
                 created_at: now,
             };
-            (record, r.filter)
+            (record, (r.filter, present))
         })
         .unzip();
     let appended = match service
@@ -131,28 +135,43 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
         .observe(records.len() as f64);
     catch_up(service, appended.first_id - 1).await;
     let mut results = Vec::with_capacity(records.len());
-    let published = records.iter().zip(&filters).zip(appended.pending);
-    for (i, ((record, filter), pending)) in published.enumerate() {
+    let mut late = Vec::new();
+    let published = records.iter().zip(&targets).zip(appended.pending);
+    for (i, ((record, (filter, present)), pending)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
-        let delivered = hub.dispatch(&Dispatch {
+        let handed = hub.dispatch(&Dispatch {
             id: event_id,
             frame: event::encode(event_id, &record.kind, &record.data),
             filter: filter.as_ref(),
-            pending_users: &record.target_users,
+            pending_users: &record.absent_here,
+            expected_users: present,
         });
+        late.extend(handed.missed.into_iter().map(|user| (user, event_id)));
         tracing::info!(
             event_id,
             event = record.kind,
             target = record.filter.as_deref().unwrap_or("broadcast"),
-            delivered,
+            delivered = handed.streams,
             pending,
             "event published"
         );
         results.push(Published {
             event_id,
-            delivered,
+            delivered: handed.streams,
             pending,
         });
+    }
+    if !late.is_empty() {
+        // Rare: a stream closed between the look at the hub and the dispatch. Without
+        // the row the event still replays by id; only a fresh connection would miss it.
+        if let Err(error) = service
+            .store()
+            .add_pending(&late)
+            .await
+            .doing("store pending rows for streams that closed")
+        {
+            tracing::error!(%error, rows = late.len());
+        }
     }
     let mut results = results.into_iter();
     for (count, reply) in replies {
@@ -213,5 +232,6 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
         frame: event::encode(stored.event_id, &stored.kind, &stored.data),
         filter: filter.as_ref(),
         pending_users: &pending_users,
+        expected_users: &[],
     });
 }

@@ -14,12 +14,13 @@ pub struct NewEvent {
     pub filter: Option<String>,
     /// The key replay finds the event under (`Filter::audience`).
     pub audience: String,
-    /// The users the event names: each gets a pending row, which the instance that hands
-    /// the event to a stream of theirs settles. (Deciding "no stream anywhere" from other
-    /// instances' saved sessions would race with streams that just closed there.)
-    pub target_users: Vec<String>,
-    /// Those of them with no open stream on this instance: the answer's `pending` says
-    /// whether any of them has none on another live instance either.
+    /// The users the event names who have no open stream on this instance. Each gets a
+    /// pending row, which the instance that hands the event to a stream of theirs settles.
+    /// (Deciding "no stream anywhere" from other instances' saved sessions would race with
+    /// streams that just closed there.) The users with a stream here get no row unless
+    /// that stream is not handed the event after all (`add_pending`): most targeted
+    /// events then write one row, not three, and delete none. The answer's `pending` says
+    /// whether any of these users has no stream on another live instance either.
     pub absent_here: Vec<String>,
     pub created_at: i64,
 }
@@ -73,7 +74,7 @@ impl Store {
         alive_since: i64,
     ) -> Result<Appended, sqlx::Error> {
         if self.backend == super::Backend::Postgres {
-            let pending_rows: usize = batch.iter().map(|e| e.target_users.len()).sum();
+            let pending_rows: usize = batch.iter().map(|e| e.absent_here.len()).sum();
             // Large batches keep the transaction: a statement of that many values is not
             // cached, and planning it anew costs more than the round trips it saves.
             if cacheable(batch.len() * 5 + pending_rows, 1) {
@@ -117,22 +118,12 @@ impl Store {
             .iter()
             .enumerate()
             .flat_map(|(i, e)| {
-                e.target_users
+                e.absent_here
                     .iter()
                     .map(move |u| (u.as_str(), first_id + i as i64))
             })
             .collect();
-        for chunk in rows.chunks(CHUNK_PARAMS / 2) {
-            let sql = format!(
-                "insert into pending (user_id, event_id) values {}",
-                values_list(chunk.len(), 2, 0)
-            );
-            let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 2));
-            for (user, id) in chunk {
-                query = query.bind(*user).bind(*id);
-            }
-            query.execute(&mut *tx).await?;
-        }
+        insert_pending(&mut tx, &rows).await?;
         if self.backend == super::Backend::Postgres {
             // Sent at commit, once per batch: commits that notify are serialized.
             sqlx::query("select pg_notify($1, $2)")
@@ -183,7 +174,7 @@ impl Store {
         let rows: Vec<(&str, usize)> = batch
             .iter()
             .enumerate()
-            .flat_map(|(n, e)| e.target_users.iter().map(move |u| (u.as_str(), n)))
+            .flat_map(|(n, e)| e.absent_here.iter().map(move |u| (u.as_str(), n)))
             .collect();
         if !rows.is_empty() {
             sql.push_str(
@@ -221,6 +212,15 @@ impl Store {
             first_id,
             pending: pending_flags(batch, &elsewhere),
         })
+    }
+
+    /// Stores pending rows for users who had a stream here when their event was
+    /// published but whose stream was not handed it (it closed, or its metadata did not
+    /// match the filter).
+    pub async fn add_pending(&self, rows: &[(&str, i64)]) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        insert_pending(&mut tx, rows).await?;
+        tx.commit().await
     }
 
     /// Events with `after < id <= up_to`, oldest first, at most `limit`.
@@ -374,6 +374,24 @@ impl Store {
             .fetch_one(&self.pool)
             .await
     }
+}
+
+async fn insert_pending(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[(&str, i64)],
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(CHUNK_PARAMS / 2) {
+        let sql = format!(
+            "insert into pending (user_id, event_id) values {} on conflict do nothing",
+            values_list(chunk.len(), 2, 0)
+        );
+        let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len(), 2));
+        for (user, id) in chunk {
+            query = query.bind(*user).bind(*id);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// `$n, $n+1, …` for `count` values after `offset` parameters.

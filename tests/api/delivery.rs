@@ -200,6 +200,28 @@ on_both_backends! {
         app.stop().await;
     }
 
+    async fn a_user_whose_stream_here_does_not_match_still_gets_the_event_later(backend: Backend) {
+        // Connected here, so no pending row is written with the event; the stream's
+        // metadata does not match, so the dispatch adds the row afterwards.
+        let db = backend.db().await;
+        let app = spawn_app(&db).await;
+        let mut viewer = app.subscribe("userId=u&role=viewer").await;
+        viewer.connected().await;
+        let p = app
+            .notify(json!({ "userId": "u", "metadata": { "role": "admin" } }), "n", json!("for admins"))
+            .await;
+        assert_eq!((p["delivered"].as_i64(), p["pending"].as_bool()), (Some(0), Some(false)));
+        eventually("the row is counted", || async { stat(&app, "pendingNotifications").await == 1 }).await;
+
+        let mut admin = app.subscribe("userId=u&role=admin").await;
+        admin.connected().await;
+        assert_eq!(admin.take_stored(1).await, [(id(&p), json!("for admins"))]);
+        let marker = app.notify(json!({ "userId": "u" }), "n", json!("marker")).await;
+        assert_eq!(viewer.take_stored(1).await, [(id(&marker), json!("marker"))], "nothing else reached the viewer");
+        eventually("both rows are settled", || async { stat(&app, "pendingNotifications").await == 0 }).await;
+        app.stop().await;
+    }
+
     async fn a_slow_client_is_cut_off_and_resumes_without_loss(backend: Backend) {
         let db = backend.db().await;
         let app = spawn_app(&db).await;

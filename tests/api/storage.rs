@@ -13,7 +13,6 @@ fn event(data: &str, filter: Option<&str>, candidates: &[&str]) -> NewEvent {
         data: data.into(),
         filter: filter.map(String::from),
         audience: "x".into(),
-        target_users: candidates.iter().map(|u| u.to_string()).collect(),
         absent_here: candidates.iter().map(|u| u.to_string()).collect(),
         created_at: now_millis(),
     }

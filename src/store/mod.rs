@@ -40,6 +40,9 @@ pub struct Store {
     backend: Backend,
 }
 
+/// A pooled connection idle for longer than this is pinged before it is handed out.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Connects and runs the migrations.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, sqlx::Error> {
@@ -53,7 +56,21 @@ impl Store {
         };
         let options = AnyConnectOptions::from_str(&url)?;
         // A publish that cannot reach the database should fail fast (503), not hang.
-        let pool = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
+        let pool = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(3))
+            // By default sqlx pings every connection it hands out: a round trip before each
+            // query, a third of a one-event publish's. A connection that was in use a moment
+            // ago has just proved itself; one that sat idle (say, across a database
+            // restart) is still checked, and replaced if it fails.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > IDLE_CHECK {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            });
         let pool = match backend {
             Backend::Postgres => pool.max_connections(16),
             // An in-memory database lives as long as its one connection.

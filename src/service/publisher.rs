@@ -13,7 +13,7 @@ use crate::{
     event::{self, EventName, now_millis},
     filter::Filter,
     hub::Dispatch,
-    store::{NewEvent, StoredEvent},
+    store::{NewEvent, StoredEvent, Writer},
 };
 
 /// Most publishes stored in one transaction.
@@ -49,6 +49,7 @@ pub(super) async fn run(
 ) {
     let shutdown = service.inner.shutdown.clone();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut writer = Writer::default();
     loop {
         let received = tokio::select! {
             n = requests.recv_many(&mut batch, MAX_BATCH) => n,
@@ -61,7 +62,7 @@ pub(super) async fn run(
                 // Take what was already queued, refuse the rest.
                 requests.close();
                 while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    publish_batch(&service, std::mem::take(&mut batch)).await;
+                    publish_batch(&service, &mut writer, std::mem::take(&mut batch)).await;
                 }
                 return;
             }
@@ -69,11 +70,11 @@ pub(super) async fn run(
         if received == 0 {
             return;
         }
-        publish_batch(&service, std::mem::take(&mut batch)).await;
+        publish_batch(&service, &mut writer, std::mem::take(&mut batch)).await;
     }
 }
 
-async fn publish_batch(service: &EventService, batch: Vec<Request>) {
+async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<Request>) {
     let hub = service.hub();
     let now = now_millis();
     // The data moves into the record: it is stored, then encoded once from there. The
@@ -115,7 +116,7 @@ async fn publish_batch(service: &EventService, batch: Vec<Request>) {
         .unzip();
     let appended = match service
         .store()
-        .append(&records, hub.instance_id(), service.alive_since())
+        .append_on(writer, &records, hub.instance_id(), service.alive_since())
         .await
         .doing("store events")
     {

@@ -55,6 +55,11 @@ pub struct Appended {
     pub pending: Vec<bool>,
 }
 
+/// The publisher's own connection, kept from one batch to the next: a connection handed
+/// back to the pool costs sqlx a ping, a round trip, each time.
+#[derive(Debug, Default)]
+pub struct Writer(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+
 /// The Postgres channel on which every committed batch is announced, with the payload
 /// `<first id>:<last id>`, so that every instance hands those events to its streams.
 pub const ANNOUNCE_CHANNEL: &str = "nomey_sse_events";
@@ -73,17 +78,57 @@ impl Store {
         instance_id: &str,
         alive_since: i64,
     ) -> Result<Appended, sqlx::Error> {
-        if self.backend == super::Backend::Postgres {
-            let pending_rows: usize = batch.iter().map(|e| e.absent_here.len()).sum();
-            // Large batches keep the transaction: a statement of that many values is not
-            // cached, and planning it anew costs more than the round trips it saves.
-            if cacheable(batch.len() * 5 + pending_rows, 1) {
-                return self
-                    .append_in_one_statement(batch, instance_id, alive_since)
-                    .await;
-            }
+        self.append_on(&mut Writer::default(), batch, instance_id, alive_since)
+            .await
+    }
+
+    /// `append` on the writer's connection, which it keeps for the next batch (Postgres
+    /// only: on SQLite the pool's few connections are shared). After an error the
+    /// connection goes back to the pool, which drops it if it is broken.
+    pub async fn append_on(
+        &self,
+        writer: &mut Writer,
+        batch: &[NewEvent],
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<Appended, sqlx::Error> {
+        if self.backend != super::Backend::Postgres {
+            let mut conn = self.pool.acquire().await?;
+            return self
+                .append_in_transaction(&mut conn, batch, instance_id, alive_since)
+                .await;
         }
-        let mut tx = self.begin_write().await?;
+        let conn = match &mut writer.0 {
+            Some(conn) => conn,
+            None => writer.0.insert(self.pool.acquire().await?),
+        };
+        let pending_rows: usize = batch.iter().map(|e| e.absent_here.len()).sum();
+        // Large batches keep the transaction: a statement of that many values is not
+        // cached, and planning it anew costs more than the round trips it saves.
+        let appended = if cacheable(batch.len() * 5 + pending_rows, 1) {
+            append_in_one_statement(conn, batch, instance_id, alive_since).await
+        } else {
+            self.append_in_transaction(conn, batch, instance_id, alive_since)
+                .await
+        };
+        if appended.is_err() {
+            writer.0 = None;
+        }
+        appended
+    }
+
+    async fn append_in_transaction(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        batch: &[NewEvent],
+        instance_id: &str,
+        alive_since: i64,
+    ) -> Result<Appended, sqlx::Error> {
+        let mut tx = match self.backend {
+            super::Backend::Postgres => sqlx::Connection::begin(conn).await?,
+            // The write lock up front, as `begin_write` takes it.
+            super::Backend::Sqlite => sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?,
+        };
         let last: i64 = sqlx::query_scalar(
             "update event_counter set last_event_id = last_event_id + $1 returning last_event_id",
         )
@@ -134,84 +179,6 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Appended { first_id, pending })
-    }
-
-    /// `append` on Postgres as one statement in its own transaction: the counter, the
-    /// events, their pending rows and the announcement in one round trip instead of six.
-    /// The counter's row lock is still held until the commit, so ids commit in order.
-    async fn append_in_one_statement(
-        &self,
-        batch: &[NewEvent],
-        instance_id: &str,
-        alive_since: i64,
-    ) -> Result<Appended, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let elsewhere = users_elsewhere(&mut conn, batch, instance_id, alive_since).await?;
-        let count = batch.len();
-        let mut sql = format!(
-            "with c as (update event_counter set last_event_id = last_event_id + {count} \
-             returning last_event_id - {count} + 1 as first_id), \
-             e as (insert into event ({EVENT_COLUMNS}, audience) \
-             select c.first_id + v.n, v.kind, v.data, v.filter, v.created_at, v.audience from c, (values "
-        );
-        let mut param = 0;
-        let mut next = || {
-            param += 1;
-            param
-        };
-        for (n, _) in batch.iter().enumerate() {
-            let sep = if n == 0 { "" } else { ", " };
-            sql.push_str(&format!(
-                "{sep}({n}::int8, ${}, ${}, ${}, ${}::int8, ${})",
-                next(),
-                next(),
-                next(),
-                next(),
-                next()
-            ));
-        }
-        sql.push_str(") as v(n, kind, data, filter, created_at, audience))");
-        let rows: Vec<(&str, usize)> = batch
-            .iter()
-            .enumerate()
-            .flat_map(|(n, e)| e.absent_here.iter().map(move |u| (u.as_str(), n)))
-            .collect();
-        if !rows.is_empty() {
-            sql.push_str(
-                ", p as (insert into pending (user_id, event_id) \
-                 select v.user_id, c.first_id + v.n from c, (values ",
-            );
-            for (i, (_, n)) in rows.iter().enumerate() {
-                let sep = if i == 0 { "" } else { ", " };
-                sql.push_str(&format!("{sep}(${}, {n}::int8)", next()));
-            }
-            sql.push_str(") as v(user_id, n))");
-        }
-        // A select in a `with` runs only if used: the final select uses it.
-        sql.push_str(&format!(
-            ", x as (select pg_notify('{ANNOUNCE_CHANNEL}', \
-             c.first_id::text || ':' || (c.first_id + {last})::text) from c) \
-             select c.first_id from c, x",
-            last = count - 1
-        ));
-        let mut query =
-            sqlx::query_scalar::<_, i64>(&sql).persistent(cacheable(count * 5 + rows.len(), 1));
-        for event in batch {
-            query = query
-                .bind(&event.kind)
-                .bind(&event.data)
-                .bind(event.filter.as_deref())
-                .bind(event.created_at)
-                .bind(&event.audience);
-        }
-        for (user, _) in &rows {
-            query = query.bind(*user);
-        }
-        let first_id = query.fetch_one(&mut *conn).await?;
-        Ok(Appended {
-            first_id,
-            pending: pending_flags(batch, &elsewhere),
-        })
     }
 
     /// Stores pending rows for users who had a stream here when their event was
@@ -374,6 +341,83 @@ impl Store {
             .fetch_one(&self.pool)
             .await
     }
+}
+
+/// `append` on Postgres as one statement in its own transaction: the counter, the
+/// events, their pending rows and the announcement in one round trip instead of six.
+/// The counter's row lock is still held until the commit, so ids commit in order.
+async fn append_in_one_statement(
+    conn: &mut sqlx::AnyConnection,
+    batch: &[NewEvent],
+    instance_id: &str,
+    alive_since: i64,
+) -> Result<Appended, sqlx::Error> {
+    let elsewhere = users_elsewhere(conn, batch, instance_id, alive_since).await?;
+    let count = batch.len();
+    let mut sql = format!(
+        "with c as (update event_counter set last_event_id = last_event_id + {count} \
+         returning last_event_id - {count} + 1 as first_id), \
+         e as (insert into event ({EVENT_COLUMNS}, audience) \
+         select c.first_id + v.n, v.kind, v.data, v.filter, v.created_at, v.audience from c, (values "
+    );
+    let mut param = 0;
+    let mut next = || {
+        param += 1;
+        param
+    };
+    for (n, _) in batch.iter().enumerate() {
+        let sep = if n == 0 { "" } else { ", " };
+        sql.push_str(&format!(
+            "{sep}({n}::int8, ${}, ${}, ${}, ${}::int8, ${})",
+            next(),
+            next(),
+            next(),
+            next(),
+            next()
+        ));
+    }
+    sql.push_str(") as v(n, kind, data, filter, created_at, audience))");
+    let rows: Vec<(&str, usize)> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(n, e)| e.absent_here.iter().map(move |u| (u.as_str(), n)))
+        .collect();
+    if !rows.is_empty() {
+        sql.push_str(
+            ", p as (insert into pending (user_id, event_id) \
+             select v.user_id, c.first_id + v.n from c, (values ",
+        );
+        for (i, (_, n)) in rows.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            sql.push_str(&format!("{sep}(${}, {n}::int8)", next()));
+        }
+        sql.push_str(") as v(user_id, n))");
+    }
+    // A select in a `with` runs only if used: the final select uses it.
+    sql.push_str(&format!(
+        ", x as (select pg_notify('{ANNOUNCE_CHANNEL}', \
+         c.first_id::text || ':' || (c.first_id + {last})::text) from c) \
+         select c.first_id from c, x",
+        last = count - 1
+    ));
+    let mut query =
+        sqlx::query_scalar::<_, i64>(&sql).persistent(cacheable(count * 5 + rows.len(), 1));
+    for event in batch {
+        query = query
+            .bind(&event.kind)
+            .bind(&event.data)
+            .bind(event.filter.as_deref())
+            .bind(event.created_at)
+            .bind(&event.audience);
+    }
+    for (user, _) in &rows {
+        query = query.bind(*user);
+    }
+    let first_id = query.fetch_one(&mut *conn).await?;
+    Ok(Appended {
+        first_id,
+        pending: pending_flags(batch, &elsewhere),
+    })
 }
 
 async fn insert_pending(

@@ -18,7 +18,7 @@ use sqlx::{
     migrate::Migrator,
 };
 
-pub use events::{ANNOUNCE_CHANNEL, NewEvent, StoredEvent};
+pub use events::{ANNOUNCE_CHANNEL, NewEvent, StoredEvent, Writer};
 pub use sessions::{SessionRecord, Tallies, Totals};
 
 use crate::config::DatabaseUrl;

@@ -163,8 +163,9 @@ async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<R
         });
     }
     if !late.is_empty() {
-        // Rare: a stream closed between the look at the hub and the dispatch. Without
-        // the row the event still replays by id; only a fresh connection would miss it.
+        // A user's stream here does not match the filter's metadata, or it closed between
+        // the look at the hub and the dispatch. Should this fail, the event still replays
+        // by id; only a fresh connection of that user would miss it.
         if let Err(error) = service
             .store()
             .add_pending(&late)
@@ -223,7 +224,8 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
     let Some(filter) = service.stored_filter(stored) else {
         return;
     };
-    // Every user an event names has a pending row: a stream of theirs here settles it.
+    // A user the event names may have a pending row (the publishing instance had no
+    // stream of theirs): a stream of theirs here settles it, or finds nothing to delete.
     let pending_users = filter
         .as_ref()
         .map(Filter::target_users)

@@ -447,7 +447,8 @@ fn placeholders(count: usize, offset: usize) -> String {
 }
 
 /// Of the users some event names and who have no stream here, those with an open session
-/// on another live instance. It only shapes the answer: pending rows are stored for all.
+/// on another live instance. It only shapes the answer: every user in `absent_here` gets
+/// a pending row either way.
 async fn users_elsewhere(
     conn: &mut sqlx::AnyConnection,
     batch: &[NewEvent],

@@ -322,14 +322,11 @@ impl Hub {
         reg.clear();
     }
 
-    /// Those of `users` with no stream here, under one look at the index.
-    pub fn without_streams(&self, users: &[String]) -> Vec<String> {
+    /// `users` split into those with no stream here and those with one, under one look at
+    /// the index.
+    pub fn split_by_streams(&self, users: Vec<String>) -> (Vec<String>, Vec<String>) {
         let reg = self.read();
-        users
-            .iter()
-            .filter(|u| reg.streams_of(u) == 0)
-            .cloned()
-            .collect()
+        users.into_iter().partition(|u| reg.streams_of(u) == 0)
     }
 
     pub fn len(&self) -> usize {

@@ -94,11 +94,7 @@ async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<R
                 .as_ref()
                 .map(Filter::target_users)
                 .unwrap_or_default();
-            let absent_here = hub.without_streams(&target_users);
-            let present: Vec<String> = target_users
-                .into_iter()
-                .filter(|u| !absent_here.contains(u))
-                .collect();
+            let (absent_here, present) = hub.split_by_streams(target_users);
             let record = NewEvent {
                 kind: r.kind.into(),
                 data: r.data,

@@ -124,11 +124,7 @@ impl Store {
         instance_id: &str,
         alive_since: i64,
     ) -> Result<Appended, sqlx::Error> {
-        let mut tx = match self.backend {
-            super::Backend::Postgres => sqlx::Connection::begin(conn).await?,
-            // The write lock up front, as `begin_write` takes it.
-            super::Backend::Sqlite => sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?,
-        };
+        let mut tx = sqlx::Connection::begin_with(conn, self.backend.begin_write()).await?;
         let last: i64 = sqlx::query_scalar(
             "update event_counter set last_event_id = last_event_id + $1 returning last_event_id",
         )

@@ -33,6 +33,16 @@ pub enum Backend {
     Sqlite,
 }
 
+impl Backend {
+    /// The statement that begins a transaction that will write (see `Store::begin_write`).
+    fn begin_write(self) -> &'static str {
+        match self {
+            Backend::Postgres => "BEGIN",
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+        }
+    }
+}
+
 /// A cheap handle to the database.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -105,10 +115,7 @@ impl Store {
     /// (`BEGIN IMMEDIATE`), so that it waits its turn (the busy timeout) instead of failing
     /// with "database is locked" when a read inside it meets another writer.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Postgres => self.pool.begin().await,
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-        }
+        self.pool.begin_with(self.backend.begin_write()).await
     }
 
     pub fn backend(&self) -> Backend {

@@ -812,7 +812,7 @@ async fn streams(setup: &Setup, pid: u32, count: usize, plan: Broadcasts) -> Res
             ms(quantile(&requests, 0.5)),
             ms(quantile(&requests, 1.0)),
         );
-        if rounds <= 20 {
+        if rounds <= 100 {
             let each: Vec<String> = in_order
                 .iter()
                 .map(|&t| format!("{:.1}", micros_ms(t)))

@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use nomey_sse::{lambda, startup::connect_store, telemetry};
 
+// jemalloc: see its entry in Cargo.toml.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match lambda::config_from_env() {

@@ -4,6 +4,11 @@
 use nomey_sse::{shuttle::ShuttleService, startup::connect_store, telemetry};
 use shuttle_runtime::{SecretStore, Secrets};
 
+// jemalloc: see its entry in Cargo.toml.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[shuttle_runtime::main]
 async fn main(
     #[shuttle_shared_db::Postgres(local_uri = "{secrets.LOCAL_DATABASE_URL}")] database_url: String,

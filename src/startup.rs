@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     config::{Config, DatabaseUrl},
-    http::{self, AppState},
+    http::{self, AppParts, AppState},
     hub::Hub,
     server::{self, FileBudget},
     service::EventService,
@@ -159,12 +159,12 @@ impl Parts {
             EventService::start(hub.clone(), store.clone(), config.clone(), shutdown.clone())
                 .await
                 .context("could not start the event service")?;
-        let state = AppState {
+        let state = AppState::new(AppParts {
             events,
             config,
             shutdown,
             files,
-        };
+        });
         Ok(Self {
             state,
             hub,

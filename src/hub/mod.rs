@@ -130,10 +130,11 @@ pub struct Dispatch<'a> {
     pub frame: Bytes,
     /// `None` for a broadcast.
     pub filter: Option<&'a Filter>,
-    /// Users for whom the event also waits in the pending table.
+    /// Users for whom the event also waits in the pending table. Sorted, as
+    /// `Filter::target_users` gives them: every matching stream looks its user up here.
     pub pending_users: &'a [String],
     /// Users with no pending row, because they had a stream here when the event was
-    /// published: `dispatch` says which of them no stream was handed it to.
+    /// published: `dispatch` says which of them no stream was handed it to. Sorted too.
     pub expected_users: &'a [String],
 }
 
@@ -247,6 +248,7 @@ impl Hub {
 
     /// Hands an event to every matching stream.
     pub fn dispatch<'a>(&self, event: &Dispatch<'a>) -> Handed<'a> {
+        debug_assert!(event.pending_users.is_sorted() && event.expected_users.is_sorted());
         let mut delivered = 0;
         let mut reached = vec![false; event.expected_users.len()];
         let mut too_slow = Vec::new();
@@ -263,7 +265,7 @@ impl Hub {
                     .info
                     .user_id
                     .as_ref()
-                    .is_some_and(|u| event.pending_users.iter().any(|p| p == u));
+                    .is_some_and(|u| event.pending_users.binary_search(u).is_ok());
                 let frame = Frame {
                     id: event.id,
                     bytes: event.frame.clone(),
@@ -273,7 +275,7 @@ impl Hub {
                     Ok(()) => {
                         delivered += 1;
                         if let Some(user) = &client.info.user_id
-                            && let Some(i) = event.expected_users.iter().position(|u| u == user)
+                            && let Ok(i) = event.expected_users.binary_search(user)
                         {
                             reached[i] = true;
                         }
@@ -322,8 +324,8 @@ impl Hub {
         reg.clear();
     }
 
-    /// `users` split into those with no stream here and those with one, under one look at
-    /// the index.
+    /// `users` split into those with no stream here and those with one, each in the order
+    /// given, under one look at the index.
     pub fn split_by_streams(&self, users: Vec<String>) -> (Vec<String>, Vec<String>) {
         let reg = self.read();
         users.into_iter().partition(|u| reg.streams_of(u) == 0)

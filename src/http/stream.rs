@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     filter::{MAX_METADATA_PAIRS, check_id, check_metadata_key},
-    server::ConnectionHandle,
+    server::{ConnectionHandle, StreamSlot},
     service::{Subscribe, SubscribeError},
 };
 
@@ -192,6 +192,7 @@ pub struct SseEvent {
 pub async fn stream_events(
     State(state): State<AppState>,
     connection: Option<Extension<ConnectionHandle>>,
+    slot: Option<Extension<StreamSlot>>,
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -241,7 +242,13 @@ pub async fn stream_events(
             SubscribeError::Unavailable(error) => Error::Unavailable(error),
         })?;
 
-    Ok(stream_response(Body::from_stream(stream)))
+    Ok(match slot {
+        Some(Extension(slot)) => {
+            slot.put(stream);
+            stream_response(Body::empty())
+        }
+        None => stream_response(Body::from_stream(stream)),
+    })
 }
 
 fn stream_response(body: Body) -> Response {

@@ -33,10 +33,7 @@ use client::{Offer, Slot};
 use cutoff::CutOff;
 use registry::Registry;
 
-use crate::{
-    event::now_millis,
-    filter::{ClientInfo, Filter},
-};
+use crate::filter::{ClientInfo, Filter};
 
 /// Why a stream was not registered.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,10 +97,11 @@ impl Registration {
 
     /// Records that a frame of `len` bytes was written (`stored`: it has an id;
     /// `from_queue`: it came from `poll_frame`).
-    pub fn wrote(&self, len: usize, stored: bool, from_queue: bool) {
+    /// A frame of `len` bytes went to the client at `wall` (Unix ms).
+    pub fn wrote(&self, len: usize, stored: bool, from_queue: bool, wall: i64) {
         let hub = &self.hub;
         self.client
-            .wrote(len, stored, from_queue, hub.clock(), now_millis());
+            .wrote(len, stored, from_queue, hub.clock(), wall);
         hub.inner.metrics.frames_written.fetch_add(1, Relaxed);
     }
 
@@ -374,6 +372,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::{client::QUEUE_BYTES, *};
+    use crate::event::now_millis;
 
     fn info(user: &str) -> ClientInfo {
         ClientInfo {

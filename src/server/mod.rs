@@ -12,7 +12,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
@@ -27,6 +27,8 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
+
+use crate::service::ClientStream;
 
 mod sse;
 
@@ -72,6 +74,28 @@ impl Drop for FileGuard {
 /// extensions, and the hub fires it to cut off a stream that is too slow or stale.
 #[derive(Clone, Debug)]
 pub struct ConnectionHandle(pub CancellationToken);
+
+/// Where `GET /api/sse` leaves its stream when `sse` serves the connection: the frames
+/// then go from the stream to the socket with no response body, and no layer's wrapper
+/// around one, in between. The handler's response carries the status and headers.
+#[derive(Clone, Default)]
+pub struct StreamSlot(Arc<std::sync::Mutex<Option<ClientStream>>>);
+
+impl StreamSlot {
+    pub fn put(&self, stream: ClientStream) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(stream);
+    }
+
+    fn take(&self) -> Option<ClientStream> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+impl std::fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamSlot")
+    }
+}
 
 /// When a request began to arrive, as near as the server knows: the connection's accept
 /// for its first request, else the moment its headers were complete. The request read

@@ -6,17 +6,21 @@
 //! are the same as on any route; only the HTTP/1.1 framing is here. The response ends
 //! the connection (`Connection: close`), as a stream's end almost always does anyway.
 
-use std::{io, io::IoSlice};
+use std::{
+    future::poll_fn,
+    io,
+    io::IoSlice,
+    task::{Context, Poll, ready},
+};
 
 use axum::{
     Router,
-    body::{Body, Bytes},
+    body::{Body, Bytes, HttpBody},
     extract::Request,
     http::{StatusCode, Version, header},
     response::Response,
 };
-use futures_util::FutureExt;
-use http_body_util::BodyExt;
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -25,7 +29,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::{ConnectionHandle, RequestStart};
+use super::{ConnectionHandle, RequestStart, StreamSlot};
+use crate::service::ClientStream;
 
 /// The request line's start that this path serves; `?` or a space must follow.
 const STREAM_LINE: &[u8] = b"GET /api/sse";
@@ -94,17 +99,17 @@ pub(super) async fn serve(
     };
     let version = request.version();
     request.extensions_mut().insert(RequestStart(start));
-    request
-        .extensions_mut()
-        .insert(ConnectionHandle(kill.clone()));
+    request.extensions_mut().insert(ConnectionHandle(kill));
+    let slot = StreamSlot::default();
+    request.extensions_mut().insert(slot.clone());
     let Ok(response) = Box::pin(router.oneshot(request)).await;
-    tokio::select! {
-        result = write_response(&mut socket, response, version) => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "stream connection ended with an error");
-            }
-        }
-        () = kill.cancelled() => {}
+    // Kept here, and lent below: an async fn's arguments stay in its future for its whole
+    // life, so passing the stream on by value would hold it twice in every open stream.
+    let mut direct = slot.take();
+    drop(slot);
+    // A fired `kill` drops this future in the accept loop: no second watch on it here.
+    if let Err(error) = write_response(&mut socket, response, version, direct.as_mut()).await {
+        tracing::debug!(%error, "stream connection ended with an error");
     }
 }
 
@@ -189,13 +194,19 @@ fn now_date() -> String {
     httpdate::fmt_http_date(std::time::SystemTime::now())
 }
 
+/// Writes the response; its frames come from `direct` when the handler left the stream
+/// there, else from its body.
 async fn write_response(
     socket: &mut TcpStream,
     response: Response,
     version: Version,
+    direct: Option<&mut ClientStream>,
 ) -> io::Result<()> {
-    let (parts, mut body) = response.into_parts();
-    let length = axum::body::HttpBody::size_hint(&body).exact();
+    let (parts, body) = response.into_parts();
+    let length = match direct {
+        Some(_) => None,
+        None => HttpBody::size_hint(&body).exact(),
+    };
     // HTTP/1.0 has no chunks: such a body ends when the connection closes.
     let chunked = length.is_none() && version == Version::HTTP_11;
     let mut head = format!(
@@ -233,23 +244,39 @@ async fn write_response(
     socket.write_all(&head).await?;
     drop(head);
 
+    match direct {
+        Some(stream) => write_frames(socket, stream, chunked).await,
+        None => write_frames(socket, &mut body.into_data_stream(), chunked).await,
+    }
+}
+
+/// Writes the body's frames as they come until it ends or the peer closes.
+async fn write_frames<S, E>(socket: &mut TcpStream, frames: &mut S, chunked: bool) -> io::Result<()>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut ended = false;
     while !ended {
-        let first = tokio::select! {
-            frame = body.frame() => match frame {
-                Some(Ok(frame)) => frame.into_data().ok(),
-                Some(Err(error)) => return Err(io::Error::other(error)),
-                None => break,
-            },
-            () = closed_by_peer(socket) => return Ok(()),
+        // The frames first; the peer's close only while there are none. (The same
+        // readiness slot each time: a `readable()` future per event would join and leave a
+        // waiter list under a lock.)
+        let next = poll_fn(|cx| match frames.poll_next_unpin(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => poll_closed_by_peer(socket, cx).map(|()| None),
+        });
+        let first = match next.await {
+            Some(Some(Ok(data))) => data,
+            Some(Some(Err(error))) => return Err(io::Error::other(error)),
+            Some(None) => break,
+            None => return Ok(()),
         };
-        let Some(first) = first else { continue };
         // Whatever else is already queued goes out in the same write: in a burst, one
         // system call for many events. (`more` allocates only when there is more.)
         let mut more = Vec::new();
         while more.len() < MAX_BATCH {
-            match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => more.extend(frame.into_data().ok()),
+            match frames.next().now_or_never() {
+                Some(Some(Ok(data))) => more.push(data),
                 Some(Some(Err(error))) => return Err(io::Error::other(error)),
                 Some(None) => {
                     ended = true;
@@ -283,7 +310,10 @@ async fn write_data(
     let (head, tail): (&[u8], &[u8]) = if chunked { (size, b"\r\n") } else { (b"", b"") };
     if more.is_empty() {
         let mut parts = [IoSlice::new(head), IoSlice::new(first), IoSlice::new(tail)];
-        return write_all_vectored(socket, &mut parts).await;
+        let mut parts = &mut parts[..];
+        let sent = try_send_small(socket, parts);
+        IoSlice::advance_slices(&mut parts, sent);
+        return write_all_vectored(socket, parts).await;
     }
     let mut parts = Vec::with_capacity(more.len() + 3);
     parts.push(IoSlice::new(head));
@@ -303,6 +333,28 @@ fn chunk_size(buf: &mut [u8; 18], length: usize) -> &[u8] {
     &buf[..written]
 }
 
+/// Frames up to this size go out as one contiguous `send` rather than a `writev` of
+/// three pieces: the kernel's vectored path costs more than copying a few hundred bytes.
+const SMALL_WRITE: usize = 512;
+
+/// Sends `parts` at once, copied together, when they are small and the socket takes them
+/// now; returns how many bytes went (0 when it did not try or the socket was full). Not
+/// async, so the copy is never part of a stream's state.
+fn try_send_small(socket: &TcpStream, parts: &[IoSlice<'_>]) -> usize {
+    let length: usize = parts.iter().map(|part| part.len()).sum();
+    if length > SMALL_WRITE {
+        return 0;
+    }
+    let mut buf = [0u8; SMALL_WRITE];
+    let mut end = 0;
+    for part in parts {
+        buf[end..end + part.len()].copy_from_slice(part);
+        end += part.len();
+    }
+    // An error surfaces again on the write that follows.
+    socket.try_write(&buf[..end]).unwrap_or(0)
+}
+
 async fn write_all_vectored(socket: &mut TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut parts = parts;
     while !parts.is_empty() {
@@ -318,17 +370,22 @@ async fn write_all_vectored(socket: &mut TcpStream, parts: &mut [IoSlice<'_>]) -
 /// Completes when the peer closes its side or the connection fails. Bytes it sends meanwhile
 /// are read and dropped: a stream's request has no body.
 async fn closed_by_peer(socket: &TcpStream) {
+    poll_fn(|cx| poll_closed_by_peer(socket, cx)).await;
+}
+
+fn poll_closed_by_peer(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
     loop {
-        if socket.readable().await.is_err() {
-            return;
+        if ready!(socket.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
         }
-        // Not held across an await, so it takes no room in the stream's future.
+        // Never held across an await, so it takes no room in the stream's future.
         let mut sink = [0u8; 4096];
         match socket.try_read(&mut sink) {
-            Ok(0) => return,
+            Ok(0) => return Poll::Ready(()),
             Ok(_) => {}
+            // Readiness is cleared: the next poll waits for more.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            Err(_) => return Poll::Ready(()),
         }
     }
 }

@@ -71,10 +71,12 @@ impl ClientStream {
     }
 
     fn wrote(&self, id: i64, len: usize, from_queue: bool, settles_pending: bool) {
-        self.registration.wrote(len, id > 0, from_queue);
+        // One clock read for the stream's and the service's records.
+        let wall = now_millis();
+        self.registration.wrote(len, id > 0, from_queue, wall);
         if id > 0 {
             let ledger = &self.service.inner.ledger;
-            ledger.wrote_event(now_millis());
+            ledger.wrote_event(wall);
             if let (true, Some(user)) = (settles_pending, &self.registration.client.info.user_id) {
                 ledger.settled(user, id);
             }

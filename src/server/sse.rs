@@ -241,22 +241,29 @@ async fn write_response(
     head.extend_from_slice(b"connection: close\r\n\r\n");
     // Nothing of the head stays with the open stream.
     drop(parts);
-    socket.write_all(&head).await?;
-    drop(head);
-
     match direct {
-        Some(stream) => write_frames(socket, stream, chunked).await,
-        None => write_frames(socket, &mut body.into_data_stream(), chunked).await,
+        Some(stream) => write_frames(socket, head, stream, chunked).await,
+        None => write_frames(socket, head, &mut body.into_data_stream(), chunked).await,
     }
 }
 
-/// Writes the body's frames as they come until it ends or the peer closes.
-async fn write_frames<S, E>(socket: &mut TcpStream, frames: &mut S, chunked: bool) -> io::Result<()>
+/// Writes the head, then the body's frames as they come until it ends or the peer closes.
+async fn write_frames<S, E>(
+    socket: &mut TcpStream,
+    head: Vec<u8>,
+    frames: &mut S,
+    chunked: bool,
+) -> io::Result<()>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut ended = false;
+    // The head and the frames already waiting (a stream's `retry` and `connected`) in one
+    // write: one system call, and one wake-up of the client, per new stream.
+    let mut opening = Vec::new();
+    let mut ended = take_ready(frames, &mut opening)?;
+    write_data(socket, &head, &[], &opening, chunked).await?;
+    drop((head, opening));
     while !ended {
         // The frames first; the peer's close only while there are none. (The same
         // readiness slot each time: a `readable()` future per event would join and leave a
@@ -274,18 +281,8 @@ where
         // Whatever else is already queued goes out in the same write: in a burst, one
         // system call for many events. (`more` allocates only when there is more.)
         let mut more = Vec::new();
-        while more.len() < MAX_BATCH {
-            match frames.next().now_or_never() {
-                Some(Some(Ok(data))) => more.push(data),
-                Some(Some(Err(error))) => return Err(io::Error::other(error)),
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        write_data(socket, &first, &more, chunked).await?;
+        ended = take_ready(frames, &mut more)?;
+        write_data(socket, b"", std::slice::from_ref(&first), &more, chunked).await?;
     }
     if chunked {
         socket.write_all(b"0\r\n\r\n").await?;
@@ -293,32 +290,57 @@ where
     socket.shutdown().await
 }
 
-/// Writes `first` and `more` as one chunk (or raw, without chunks): one vectored write
-/// when the socket takes it all, and no allocation for a lone frame.
+/// Moves the frames the stream has ready now, up to `MAX_BATCH`, into `ready`; `true`
+/// when the stream ended.
+fn take_ready<S, E>(frames: &mut S, ready: &mut Vec<Bytes>) -> io::Result<bool>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    while ready.len() < MAX_BATCH {
+        match frames.next().now_or_never() {
+            Some(Some(Ok(data))) => ready.push(data),
+            Some(Some(Err(error))) => return Err(io::Error::other(error)),
+            Some(None) => return Ok(true),
+            None => break,
+        }
+    }
+    Ok(false)
+}
+
+/// Writes `prefix` (raw), then `first` and `more` as one chunk (or raw, without chunks):
+/// one write when the socket takes it all, and no allocation for a lone frame.
 async fn write_data(
     socket: &mut TcpStream,
-    first: &Bytes,
+    prefix: &[u8],
+    first: &[Bytes],
     more: &[Bytes],
     chunked: bool,
 ) -> io::Result<()> {
-    let length = first.len() + more.iter().map(Bytes::len).sum::<usize>();
-    if length == 0 {
-        return Ok(());
-    }
+    let length: usize = first.iter().chain(more).map(Bytes::len).sum();
     let mut size = [0u8; 18];
-    let size = chunk_size(&mut size, length);
-    let (head, tail): (&[u8], &[u8]) = if chunked { (size, b"\r\n") } else { (b"", b"") };
-    if more.is_empty() {
-        let mut parts = [IoSlice::new(head), IoSlice::new(first), IoSlice::new(tail)];
+    let (head, tail): (&[u8], &[u8]) = match (chunked, length) {
+        // A chunk of size 0 would end the body.
+        (true, 1..) => (chunk_size(&mut size, length), b"\r\n"),
+        _ => (b"", b""),
+    };
+    if first.len() + more.len() <= 1 {
+        let data = first.iter().chain(more).next().map_or(&[][..], |data| data);
+        let mut parts = [
+            IoSlice::new(prefix),
+            IoSlice::new(head),
+            IoSlice::new(data),
+            IoSlice::new(tail),
+        ];
         let mut parts = &mut parts[..];
         let sent = try_send_small(socket, parts);
         IoSlice::advance_slices(&mut parts, sent);
         return write_all_vectored(socket, parts).await;
     }
-    let mut parts = Vec::with_capacity(more.len() + 3);
+    let mut parts = Vec::with_capacity(first.len() + more.len() + 3);
+    parts.push(IoSlice::new(prefix));
     parts.push(IoSlice::new(head));
-    parts.push(IoSlice::new(first));
-    parts.extend(more.iter().map(|data| IoSlice::new(data)));
+    parts.extend(first.iter().chain(more).map(|data| IoSlice::new(data)));
     parts.push(IoSlice::new(tail));
     write_all_vectored(socket, &mut parts).await
 }
@@ -333,16 +355,16 @@ fn chunk_size(buf: &mut [u8; 18], length: usize) -> &[u8] {
     &buf[..written]
 }
 
-/// Frames up to this size go out as one contiguous `send` rather than a `writev` of
-/// three pieces: the kernel's vectored path costs more than copying a few hundred bytes.
-const SMALL_WRITE: usize = 512;
+/// Writes up to this size go out as one contiguous `send` rather than a `writev` of
+/// their pieces: the kernel's vectored path costs more than copying a few hundred bytes.
+const SMALL_WRITE: usize = 1024;
 
 /// Sends `parts` at once, copied together, when they are small and the socket takes them
 /// now; returns how many bytes went (0 when it did not try or the socket was full). Not
 /// async, so the copy is never part of a stream's state.
 fn try_send_small(socket: &TcpStream, parts: &[IoSlice<'_>]) -> usize {
     let length: usize = parts.iter().map(|part| part.len()).sum();
-    if length > SMALL_WRITE {
+    if length == 0 || length > SMALL_WRITE {
         return 0;
     }
     let mut buf = [0u8; SMALL_WRITE];

@@ -165,7 +165,7 @@ impl EventService {
             service.inner.bus_down.store(true, Relaxed);
             tasks.spawn(workers::bus_loop(
                 service.clone(),
-                PgBus::new(url),
+                PgBus::new(&crate::store::postgres_url(url)),
                 committed,
             ));
         }

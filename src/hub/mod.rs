@@ -95,9 +95,8 @@ impl Registration {
         self.rx.poll_next_unpin(cx)
     }
 
-    /// Records that a frame of `len` bytes was written (`stored`: it has an id;
-    /// `from_queue`: it came from `poll_frame`).
-    /// A frame of `len` bytes went to the client at `wall` (Unix ms).
+    /// Records that a frame of `len` bytes was written at `wall` (Unix ms) (`stored`: it
+    /// has an id; `from_queue`: it came from `poll_frame`).
     pub fn wrote(&self, len: usize, stored: bool, from_queue: bool, wall: i64) {
         let hub = &self.hub;
         self.client

@@ -58,11 +58,7 @@ impl Store {
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, sqlx::Error> {
         sqlx::any::install_default_drivers();
         let (backend, url, in_memory) = match url {
-            DatabaseUrl::Postgres(url) => (
-                Backend::Postgres,
-                postgres_url(url),
-                false,
-            ),
+            DatabaseUrl::Postgres(url) => (Backend::Postgres, postgres_url(url), false),
             DatabaseUrl::Sqlite(url) => {
                 let in_memory = url.contains(":memory:") || url.contains("mode=memory");
                 (Backend::Sqlite, sqlite_url(url), in_memory)

@@ -1,8 +1,8 @@
 //! `POST /api/sse/notify`, `/broadcast` and `/test`: thin shells over `EventService`.
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
+use serde_json::{Value, json, value::RawValue};
 use utoipa::ToSchema;
 
 use super::{AppState, Error, ErrorBody, JsonBody, Result};
@@ -47,22 +47,32 @@ pub struct NewBroadcast {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewBatch {
-    /// Read one by one, so that an error names the event's index.
+    /// Kept as text and read one by one, so that an error names the event's index.
     #[schema(value_type = Vec<BatchItem>, min_items = 1, max_items = 1000)]
-    events: Vec<Value>,
+    events: Vec<Box<RawValue>>,
 }
 
 /// One event of a batch: a notification, or a broadcast without `filter`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_filter")]
     #[schema(nullable = false)]
     filter: Option<Filter>,
     #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
     event: String,
     /// Any JSON value, at most 64 KiB once serialized.
     data: Value,
+}
+
+/// A `filter` that is there must be one: only leaving it out makes a broadcast.
+fn present_filter<'de, D: Deserializer<'de>>(value: D) -> Result<Option<Filter>, D::Error> {
+    match Option::<Filter>::deserialize(value)? {
+        Some(filter) => Ok(Some(filter)),
+        None => Err(D::Error::custom(
+            "filter: leave it out for a broadcast; null is not a filter",
+        )),
+    }
 }
 
 /// The results of a batch, one per event, in order.
@@ -149,25 +159,19 @@ pub async fn publish_batch(
         ));
     }
     let mut items = Vec::with_capacity(body.events.len());
-    for (i, value) in body.events.into_iter().enumerate() {
-        let item: BatchItem = match value {
-            Value::Object(ref map) if map.get("filter").is_some_and(Value::is_null) => {
-                return Err(Error::bad_request(
-                    "invalid_body",
-                    format!(
-                        "events[{i}].filter: leave it out for a broadcast; null is not a filter"
-                    ),
-                ));
-            }
-            Value::Object(_) => serde_json::from_value(value)
-                .map_err(|e| Error::bad_request("invalid_body", format!("events[{i}]: {e}")))?,
-            _ => {
-                return Err(Error::bad_request(
-                    "invalid_body",
-                    format!("events[{i}]: must be a JSON object"),
-                ));
-            }
-        };
+    for (i, raw) in body.events.iter().enumerate() {
+        // serde would also take an array for a struct, field by field.
+        if !raw.get().starts_with('{') {
+            return Err(Error::bad_request(
+                "invalid_body",
+                format!("events[{i}]: must be a JSON object"),
+            ));
+        }
+        // What one pass refuses is decided, and worded, as a whole body's fields are (a
+        // repeated key keeps its last value there).
+        let item: BatchItem = serde_json::from_str(raw.get())
+            .or_else(|_| serde_json::from_str::<Value>(raw.get()).and_then(serde_json::from_value))
+            .map_err(|e| Error::bad_request("invalid_body", format!("events[{i}]: {e}")))?;
         if let Some(error) = item.filter.as_ref().and_then(|f| f.validate().err()) {
             return Err(Error::bad_request(
                 "invalid_filter",

@@ -84,3 +84,35 @@ async fn a_batch_of_nearly_8_mib_is_taken_whole() {
     assert_eq!(body["results"].as_array().unwrap().len(), 130);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_repeated_key_keeps_its_last_value_in_a_body_and_in_a_batch_event() {
+    let db = crate::helpers::TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    let mut alice = app.subscribe("userId=alice").await;
+    alice.connected().await;
+    let post = |path: &str, body: &'static str| {
+        app.http
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    let notify = r#"{"filter":{"userId":"alice"},"event":"x","event":"n","data":1,"data":2}"#;
+    assert_eq!(
+        post("/api/sse/notify", notify).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    let batch = r#"{"events":[{"filter":{"userId":"alice"},"event":"x","data":3,"event":"m"}]}"#;
+    assert_eq!(
+        post("/api/sse/batch", batch).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+
+    let first = alice.next_event().await;
+    assert_eq!((first.event.as_str(), first.data.as_str()), ("n", "2"));
+    let second = alice.next_event().await;
+    assert_eq!((second.event.as_str(), second.data.as_str()), ("m", "3"));
+    app.stop().await;
+}

@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 use serde_json::{Value, json, value::RawValue};
 use utoipa::ToSchema;
 
-use super::{AppState, Error, ErrorBody, JsonBody, Result};
+use super::{AppState, Error, ErrorBody, JsonBody, Result, object_in_one_pass};
 use crate::{
     event,
     filter::{Filter, check_id},
@@ -65,7 +65,8 @@ pub struct BatchItem {
     data: Value,
 }
 
-/// A `filter` that is there must be one: only leaving it out makes a broadcast.
+/// A `filter` that is there must be one: only leaving it out makes a broadcast. (The
+/// message a client sees comes from `batch_item_from_value`.)
 fn present_filter<'de, D: Deserializer<'de>>(value: D) -> Result<Option<Filter>, D::Error> {
     match Option::<Filter>::deserialize(value)? {
         Some(filter) => Ok(Some(filter)),
@@ -160,18 +161,10 @@ pub async fn publish_batch(
     }
     let mut items = Vec::with_capacity(body.events.len());
     for (i, raw) in body.events.iter().enumerate() {
-        // serde would also take an array for a struct, field by field.
-        if !raw.get().starts_with('{') {
-            return Err(Error::bad_request(
-                "invalid_body",
-                format!("events[{i}]: must be a JSON object"),
-            ));
-        }
-        // What one pass refuses is decided, and worded, as a whole body's fields are (a
-        // repeated key keeps its last value there).
-        let item: BatchItem = serde_json::from_str(raw.get())
-            .or_else(|_| serde_json::from_str::<Value>(raw.get()).and_then(serde_json::from_value))
-            .map_err(|e| Error::bad_request("invalid_body", format!("events[{i}]: {e}")))?;
+        let item = match object_in_one_pass::<BatchItem>(raw.get().as_bytes()) {
+            Some(item) => item,
+            None => batch_item_from_value(i, raw)?,
+        };
         if let Some(error) = item.filter.as_ref().and_then(|f| f.validate().err()) {
             return Err(Error::bad_request(
                 "invalid_filter",
@@ -185,6 +178,23 @@ pub async fn publish_batch(
         .map(|e| (e.filter.clone(), e.event.as_str(), &e.data));
     let results = state.events.batch(events).await?;
     Ok((StatusCode::ACCEPTED, Json(BatchResults { results })))
+}
+
+/// A batch event that one pass refused, read as a value: this decides what is accepted
+/// (a repeated key keeps its last value) and what the error says.
+fn batch_item_from_value(i: usize, raw: &RawValue) -> Result<BatchItem> {
+    let invalid = |message: String| Error::bad_request("invalid_body", message);
+    let value: Value =
+        serde_json::from_str(raw.get()).map_err(|e| invalid(format!("events[{i}]: {e}")))?;
+    match value {
+        Value::Object(ref map) if map.get("filter").is_some_and(Value::is_null) => Err(invalid(
+            format!("events[{i}].filter: leave it out for a broadcast; null is not a filter"),
+        )),
+        Value::Object(_) => {
+            serde_json::from_value(value).map_err(|e| invalid(format!("events[{i}]: {e}")))
+        }
+        _ => Err(invalid(format!("events[{i}]: must be a JSON object"))),
+    }
 }
 
 /// The seed's demo route: a `notification` to one user.

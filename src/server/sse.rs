@@ -40,7 +40,8 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 const MAX_URI: usize = 65_534;
 /// As many header lines as hyper accepts by default.
 const MAX_HEADERS: usize = 100;
-/// Most queued frames sent in one write after the first.
+/// Most queued frames that go out together in one write, after the frame that woke the
+/// stream or with the response head.
 const MAX_BATCH: usize = 64;
 
 /// Who serves a new connection, from its first bytes.
@@ -105,7 +106,9 @@ pub(super) async fn serve(
     let Ok(response) = Box::pin(router.oneshot(request)).await;
     // Kept here, and lent below: an async fn's arguments stay in its future for its whole
     // life, so passing the stream on by value would hold it twice in every open stream.
-    let mut direct = slot.take();
+    // Only a stream the response stands for: a layer that answered otherwise (an error, a
+    // timeout) gets its own body written.
+    let mut direct = slot.take().filter(|_| response.status() == StatusCode::OK);
     drop(slot);
     // A fired `kill` drops this future in the accept loop: no second watch on it here.
     if let Err(error) = write_response(&mut socket, response, version, direct.as_mut()).await {
@@ -242,7 +245,11 @@ async fn write_response(
     // Nothing of the head stays with the open stream.
     drop(parts);
     match direct {
-        Some(stream) => write_frames(socket, head, stream, chunked).await,
+        Some(stream) => {
+            // Layers' wrappers around an empty body: nothing to keep for the stream's life.
+            drop(body);
+            write_frames(socket, head, stream, chunked).await
+        }
         None => write_frames(socket, head, &mut body.into_data_stream(), chunked).await,
     }
 }
@@ -318,6 +325,10 @@ async fn write_data(
     chunked: bool,
 ) -> io::Result<()> {
     let length: usize = first.iter().chain(more).map(Bytes::len).sum();
+    if prefix.is_empty() && length == 0 {
+        // Empty frames: nothing to send (and a write of nothing would fail as `WriteZero`).
+        return Ok(());
+    }
     let mut size = [0u8; 18];
     let (head, tail): (&[u8], &[u8]) = match (chunked, length) {
         // A chunk of size 0 would end the body.

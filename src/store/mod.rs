@@ -189,24 +189,36 @@ pub(crate) fn postgres_url(url: &str) -> String {
 /// A Postgres on this host (`localhost`, a loopback address or a socket directory) is
 /// reached without TLS unless the URL or `PGSSLMODE` asks for a mode: over loopback TLS
 /// protects nothing, and it cost Postgres 12% more CPU per published event. Elsewhere
-/// sqlx's default stays (`prefer`: TLS when the server offers it).
+/// sqlx's default stays (`prefer`: TLS when the server offers it). A URL with a fragment
+/// is left as written.
 fn plain_on_loopback(url: &str, mode_from_env: bool) -> String {
-    let asked = mode_from_env || url.contains("sslmode=") || url.contains("ssl-mode=");
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let asked = mode_from_env
+        || url.contains('#')
+        || query.split('&').any(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+            key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode")
+        });
+    if asked {
+        return url.to_owned();
+    }
     let local = sqlx::postgres::PgConnectOptions::from_str(url).is_ok_and(|options| {
         let host = options
             .get_host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        host == "localhost"
+        options.get_socket().is_some()
             || host.starts_with('/')
+            || host.eq_ignore_ascii_case("localhost")
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
     });
-    match (asked, local, url.contains('?')) {
-        (false, true, true) => format!("{url}&sslmode=disable"),
-        (false, true, false) => format!("{url}?sslmode=disable"),
-        _ => url.to_owned(),
+    match (local, url.contains('?')) {
+        (true, true) => format!("{url}&sslmode=disable"),
+        (true, false) => format!("{url}?sslmode=disable"),
+        (false, _) => url.to_owned(),
     }
 }
 
@@ -273,6 +285,18 @@ mod tests {
                 "postgres://u@db.example.com/db",
             ),
             ("postgres://u@10.0.0.5/db", "postgres://u@10.0.0.5/db"),
+            (
+                "postgres://u@127.0.0.1/db?ssl%6Dode=require",
+                "postgres://u@127.0.0.1/db?ssl%6Dode=require",
+            ),
+            (
+                "postgres://u@127.0.0.1/db?SSLMODE=require",
+                "postgres://u@127.0.0.1/db?SSLMODE=require",
+            ),
+            (
+                "postgres://u@%2Fvar%2Frun%2Fpostgresql/db",
+                "postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=disable",
+            ),
         ] {
             assert_eq!(plain_on_loopback(url, false), expected, "{url}");
         }

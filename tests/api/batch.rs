@@ -45,7 +45,8 @@ on_both_backends! {
         let refused = [
             (json!({ "events": [good, { "event": "bad name", "data": 1 }] }), "events[1]"),
             (json!({ "events": [good, good, { "filter": {}, "event": "n", "data": 1 }] }), "events[2]"),
-            (json!({ "events": [good, { "filter": null, "event": "n", "data": 1 }] }), "events[1]"),
+            (json!({ "events": [good, { "filter": null, "event": "n", "data": 1 }] }), "events[1].filter: leave it out"),
+            (json!({ "events": [good, { "filter": null, "event": "n", "data": 1, "extra": 1 }] }), "events[1].filter: leave it out"),
             (json!({ "events": [good, ["n", 1]] }), "events[1]"),
             (json!({ "events": [good, { "event": "n", "data": 1, "extra": true }] }), "events[1]"),
             (json!({ "events": [] }), "events"),

@@ -224,7 +224,12 @@ async fn write_response(
     )
     .into_bytes();
     for (name, value) in &parts.headers {
-        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+        // The framing is this function's: a layer's `content-length` for the empty body
+        // a stream's handler returns must not go out beside `transfer-encoding`.
+        if name == header::CONNECTION
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_LENGTH
+        {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -232,9 +237,7 @@ async fn write_response(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if let Some(length) = length
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
+    if let Some(length) = length {
         head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
     }
     if chunked {

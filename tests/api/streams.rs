@@ -34,6 +34,10 @@ async fn a_stream_starts_with_retry_then_connected_and_has_the_contract_headers(
     assert_eq!(headers["content-type"], "text/event-stream");
     assert_eq!(headers["cache-control"], "no-cache");
     assert_eq!(headers["x-accel-buffering"], "no");
+    // Chunked, and nothing else: strict clients (Node's fetch) refuse a response that
+    // also announces a length.
+    assert_eq!(headers["transfer-encoding"], "chunked");
+    assert!(headers.get("content-length").is_none(), "{headers:?}");
     // The retry frame has no brace: the first "}\n\n" ends the connected frame.
     let body = read_until(&mut response, "}\n\n").await;
     let (retry, rest) = body.split_once("\n\n").unwrap();

@@ -135,11 +135,10 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// the verdict to the slower path, which must not be needed on any well-formed body:
 /// serde refuses a repeated key in one pass, and would take an array for a struct.
 pub(crate) fn object_in_one_pass<T: DeserializeOwned>(text: &[u8]) -> Option<T> {
-    let first = text.iter().find(|b| !b.is_ascii_whitespace());
-    first
-        .is_some_and(|&b| b == b'{')
-        .then(|| serde_json::from_slice(text).ok())
-        .flatten()
+    if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(text).ok()
 }
 
 /// A JSON object body whose rejections are the contract's JSON errors. Any

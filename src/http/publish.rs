@@ -65,15 +65,15 @@ pub struct BatchItem {
     data: Value,
 }
 
-/// A `filter` that is there must be one: only leaving it out makes a broadcast. (The
-/// message a client sees comes from `batch_item_from_value`.)
+/// Why a batch event's `"filter": null` is refused.
+const NULL_FILTER: &str = "leave it out for a broadcast; null is not a filter";
+
+/// A `filter` that is there must be one: only leaving it out makes a broadcast. (What a
+/// client is told comes from `batch_item_from_value`, which reads the event again.)
 fn present_filter<'de, D: Deserializer<'de>>(value: D) -> Result<Option<Filter>, D::Error> {
-    match Option::<Filter>::deserialize(value)? {
-        Some(filter) => Ok(Some(filter)),
-        None => Err(D::Error::custom(
-            "filter: leave it out for a broadcast; null is not a filter",
-        )),
-    }
+    Option::<Filter>::deserialize(value)?
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(NULL_FILTER))
 }
 
 /// The results of a batch, one per event, in order.
@@ -187,9 +187,9 @@ fn batch_item_from_value(i: usize, raw: &RawValue) -> Result<BatchItem> {
     let value: Value =
         serde_json::from_str(raw.get()).map_err(|e| invalid(format!("events[{i}]: {e}")))?;
     match value {
-        Value::Object(ref map) if map.get("filter").is_some_and(Value::is_null) => Err(invalid(
-            format!("events[{i}].filter: leave it out for a broadcast; null is not a filter"),
-        )),
+        Value::Object(ref map) if map.get("filter").is_some_and(Value::is_null) => {
+            Err(invalid(format!("events[{i}].filter: {NULL_FILTER}")))
+        }
         Value::Object(_) => {
             serde_json::from_value(value).map_err(|e| invalid(format!("events[{i}]: {e}")))
         }

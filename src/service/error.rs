@@ -41,8 +41,10 @@ pub enum NotReady {
 pub enum PublishError {
     #[error("{0}")]
     Invalid(String),
-    #[error("data is larger than {MAX_DATA_BYTES} bytes once serialized")]
-    TooLarge,
+    /// With the index of the batch event it was in.
+    #[error("{}data is larger than {MAX_DATA_BYTES} bytes once serialized",
+        .0.map(|i| format!("events[{i}]: ")).unwrap_or_default())]
+    TooLarge(Option<usize>),
     #[error("data could not be serialized as JSON")]
     Serialize(#[from] serde_json::Error),
     #[error("the event could not be stored")]

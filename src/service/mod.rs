@@ -287,6 +287,7 @@ impl EventService {
                 }
                 prepare(filter, event, data).map_err(|error| match error {
                     PublishError::Invalid(e) => PublishError::Invalid(format!("events[{i}]: {e}")),
+                    PublishError::TooLarge(_) => PublishError::TooLarge(Some(i)),
                     other => other,
                 })
             })
@@ -412,7 +413,7 @@ fn prepare<T: Serialize + ?Sized>(
     let kind = EventName::parse(event).map_err(PublishError::Invalid)?;
     let data = serde_json::to_string(data)?;
     if data.len() > MAX_DATA_BYTES {
-        return Err(PublishError::TooLarge);
+        return Err(PublishError::TooLarge(None));
     }
     Ok(publisher::Prepared { kind, data, filter })
 }

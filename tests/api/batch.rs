@@ -3,10 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::{
-    helpers::{error_code, spawn_app},
-    on_both_backends,
-};
+use crate::{helpers::spawn_app, on_both_backends};
 
 on_both_backends! {
     async fn a_batch_is_stored_in_order_and_each_event_reaches_its_clients(backend: Backend) {
@@ -60,7 +57,12 @@ on_both_backends! {
             assert!(message.contains(named), "{message}");
         }
         let too_large = json!({ "events": [good, { "event": "n", "data": "x".repeat(70_000) }] });
-        assert_eq!(error_code(app.post("/api/sse/batch", too_large).await, StatusCode::PAYLOAD_TOO_LARGE).await, "payload_too_large");
+        let response = app.post("/api/sse/batch", too_large).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "payload_too_large");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("events[1]: data is larger than"), "{message}");
 
         // Nothing was stored: the next event is the first.
         let first = app.notify(json!({ "userId": "u" }), "n", json!("first")).await;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{AppState, Error, ErrorBody, Result, query};
 use crate::{
-    filter::Filter,
+    filter::{Filter, check_id},
     service::{ClientView, NotReady, Stats},
 };
 
@@ -71,15 +71,33 @@ impl ClientQuery {
     fn limit(&self) -> Result<usize> {
         match &self.limit {
             None => Ok(DEFAULT_PAGE),
-            Some(limit) => limit
-                .parse()
-                .ok()
+            Some(limit) => Some(limit)
+                // `parse` would also take a sign.
+                .filter(|l| l.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|l| l.parse().ok())
                 .filter(|n| (1..=MAX_PAGE).contains(n))
                 .ok_or_else(|| Error::invalid_parameter("limit", "a whole number from 1 to 1000")),
         }
     }
 
+    /// The client id a page starts after, in the form ids are listed in.
+    fn after(&self) -> Result<Option<String>> {
+        self.after
+            .as_deref()
+            .map(|id| {
+                hyphenated_uuid(id)
+                    .map(|id| id.to_string())
+                    .ok_or_else(|| Error::invalid_parameter("after", "a clientId (a UUID)"))
+            })
+            .transpose()
+    }
+
     fn filter(&self) -> Result<Option<Filter>> {
+        for (name, value) in [("userId", &self.user_id), ("sessionId", &self.session_id)] {
+            if let Some(value) = value {
+                check_id(value).map_err(|rule| Error::invalid_parameter(name, &rule))?;
+            }
+        }
         let client_ids = match self.client_ids.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(list) => Some(
@@ -151,10 +169,10 @@ pub async fn list_clients(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<ClientsPage>> {
     let query = ClientQuery::parse(raw.as_deref())?;
-    let (limit, filter) = (query.limit()?, query.filter()?);
+    let (limit, after, filter) = (query.limit()?, query.after()?, query.filter()?);
     let (page, stats) = state
         .events
-        .clients_page(filter.as_ref(), query.after.as_deref(), limit)
+        .clients_page(filter.as_ref(), after.as_deref(), limit)
         .await?;
     Ok(Json(ClientsPage {
         clients: page.clients,

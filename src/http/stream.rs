@@ -172,6 +172,15 @@ pub struct SseEvent {
     retry: Option<u64>,
 }
 
+/// Whether a request says a body follows: a non-zero `Content-Length` or any
+/// `Transfer-Encoding`.
+fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes().iter().any(|&b| b != b'0'))
+}
+
 /// Opens a stream: `retry:`, `connected`, then history, then live events.
 #[utoipa::path(get, path = "/api/sse", tag = "stream",
     params(
@@ -197,6 +206,14 @@ pub async fn stream_events(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
+    // A body announced but never sent would otherwise hold the request open past its
+    // deadline while the stream runs.
+    if announces_body(&headers) {
+        return Err(Error::bad_request(
+            "invalid_body",
+            "a stream request takes no body",
+        ));
+    }
     let mut params = StreamParams::parse(query.as_deref(), &headers)?;
     params.authorize(&state)?;
     if method == Method::HEAD {

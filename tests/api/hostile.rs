@@ -152,6 +152,22 @@ async fn a_huge_announced_body_gets_413_before_any_100_continue() {
 }
 
 #[tokio::test]
+async fn a_stream_request_with_a_body_is_refused_at_once() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    for framing in ["Content-Length: 100", "Transfer-Encoding: chunked"] {
+        let request = format!("GET /api/sse?userId=u HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\nabc");
+        let answer = raw_exchange(app.addr, request.as_bytes(), PATIENCE).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{framing}: {answer}");
+        assert!(answer.contains("invalid_body"), "{answer}");
+    }
+    let empty = "GET /api/sse?userId=u HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n";
+    let answer = raw_exchange(app.addr, empty.as_bytes(), Duration::from_millis(500)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_request_that_does_not_arrive_in_time_is_answered_408_or_closed() {
     let db = TestDb::sqlite().await;
     let app = spawn_app_with(&db, &[("REQUEST_TIMEOUT_MS", "500")]).await;
@@ -258,19 +274,45 @@ async fn clients_come_in_pages_ordered_by_client_id() {
     sorted.sort();
     assert_eq!(seen, sorted);
     assert_eq!(seen.len(), 5);
-    for limit in ["0", "1001", "abc", "-1"] {
+    // An upper-case copy of an id is the same id: the page after it leaves it out.
+    let upper = seen[0].to_uppercase();
+    let (status, body) = app
+        .get_json(&format!("/api/sse/clients?userId=paged&after={upper}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["clients"][0]["clientId"].as_str(),
+        Some(seen[1].as_str())
+    );
+    let refused = [
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=-1",
+        "limit=%2B5",
+        "after=zzz",
+        "after=1",
+    ];
+    for query in refused {
         let response = app
             .http
-            .get(app.url(&format!("/api/sse/clients?limit={limit}")))
+            .get(app.url(&format!("/api/sse/clients?{query}")))
             .send()
             .await
             .unwrap();
         assert_eq!(
             error_code(response, StatusCode::BAD_REQUEST).await,
             "invalid_parameter",
-            "{limit}"
+            "{query}"
         );
     }
+    let long = "u".repeat(257);
+    let (status, error) = app
+        .get_json(&format!("/api/sse/clients?userId={long}"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("userId: "), "{message}");
     let default = app.get_json("/api/sse/clients").await.1;
     assert_eq!(default["clients"].as_array().unwrap().len(), 5);
     assert_eq!(default["nextAfter"], Value::Null);

@@ -30,10 +30,11 @@ pub struct Claims {
 }
 
 /// Checks an HS256 token: signature, algorithm (nothing but HS256, so no `none`), `exp`
-/// (required) and `sub` (required).
+/// (required), `nbf` (when present) and `sub` (required).
 pub fn verify_token(secret: &Secret, token: &str) -> Result<Claims> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = CLOCK_LEEWAY.as_secs();
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp", "sub"]);
     let key = DecodingKey::from_secret(secret.expose().as_bytes());
     jsonwebtoken::decode::<Claims>(token, &key, &validation)
@@ -140,6 +141,12 @@ mod tests {
                 json!({ "sub": "u1", "exp": exp - 60 - 3600 }),
             ),
             token(Algorithm::HS256, "s3cret", json!({ "sub": "u1" })),
+            // Not valid before an hour from now.
+            token(
+                Algorithm::HS256,
+                "s3cret",
+                json!({ "sub": "u1", "exp": exp + 7200, "nbf": exp + 3600 }),
+            ),
             token(Algorithm::HS256, "s3cret", json!({ "exp": exp })),
             // alg "none", unsigned.
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6OTk5OTk5OTk5OX0.".into(),
@@ -158,6 +165,12 @@ mod tests {
             Algorithm::HS256,
             "s3cret",
             json!({ "sub": "u1", "exp": just_past }),
+        );
+        assert!(verify_token(&secret(), &t).is_ok());
+        let t = token(
+            Algorithm::HS256,
+            "s3cret",
+            json!({ "sub": "u1", "exp": in_a_minute(), "nbf": now_millis() / 1000 + 5 }),
         );
         assert!(verify_token(&secret(), &t).is_ok());
     }

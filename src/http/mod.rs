@@ -184,10 +184,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         // A map first: serde would also take a JSON array for a struct, field by field.
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
             .map_err(|e| {
-                Error::bad_request(
-                    "invalid_body",
-                    format!("the body must be a JSON object: {e}"),
-                )
+                let message = match e.classify() {
+                    serde_json::error::Category::Data => {
+                        format!("the body must be a JSON object: {e}")
+                    }
+                    _ => format!("the body is not valid JSON: {e}"),
+                };
+                Error::bad_request("invalid_body", message)
             })?;
         // serde's message names the field and what was wrong with it.
         T::deserialize(serde_json::Value::Object(object))

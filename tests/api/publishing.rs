@@ -225,17 +225,25 @@ async fn every_bad_publish_gets_a_json_error_and_the_server_keeps_serving() {
         assert_eq!(response.status(), status, "{path} {body}");
         error_code(response, status).await;
     }
-    let not_json = app
-        .http
-        .post(app.url("/api/sse/notify"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(not_json, StatusCode::BAD_REQUEST).await,
-        "invalid_body"
-    );
+    // The message says which is wrong: the JSON, or its shape.
+    for (body, says) in [
+        ("{not json", "not valid JSON"),
+        ("{\"event\": \"n\", \"data\": 1e999}", "not valid JSON"),
+        ("[1]", "must be a JSON object"),
+    ] {
+        let response = app
+            .http
+            .post(app.url("/api/sse/broadcast"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "invalid_body", "{body}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+    }
 
     // Nothing was stored by the refusals, and publishing still works.
     let published = app.broadcast("ok", json!(true)).await;

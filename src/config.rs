@@ -207,9 +207,15 @@ impl Vars {
     ) -> Result<T, ConfigError> {
         match self.get(name) {
             None => Ok(default),
-            Some(value) => value
-                .parse()
-                .map_err(|_| self.error(name, "expected a non-negative whole number")),
+            Some(value) => value.parse().map_err(|_| {
+                let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+                let reason = if digits {
+                    "too large for this setting"
+                } else {
+                    "expected a non-negative whole number"
+                };
+                self.error(name, reason)
+            }),
         }
     }
 
@@ -267,6 +273,11 @@ mod tests {
         assert!(err.to_string().contains("DATABASE_URL"));
         let err = config(&[("MAX_CLIENTS", "-1")]).unwrap_err();
         assert_eq!(err.name, "MAX_CLIENTS");
+        let err = config(&[("PORT", "99999")]).unwrap_err();
+        assert_eq!(
+            (err.name, err.reason.as_str()),
+            ("PORT", "too large for this setting")
+        );
         let err = config(&[("CORS_ORIGINS", "*")]).unwrap_err();
         assert_eq!(err.name, "CORS_ORIGINS");
     }

@@ -30,6 +30,7 @@ use tower::ServiceExt;
 
 use crate::service::ClientStream;
 
+mod parser_errors;
 mod sse;
 
 /// Open connections against the open-files limit, so that streams are refused with 503
@@ -172,8 +173,10 @@ pub async fn serve(
                             request.extensions_mut().insert(handle.clone());
                             router.clone().oneshot(request.map(Body::new))
                         });
-                    let connection =
-                        watcher.watch(http.serve_connection(TokioIo::new(socket), service));
+                    let connection = watcher.watch(http.serve_connection(
+                        TokioIo::new(parser_errors::WithJsonRefusals::new(socket)),
+                        service,
+                    ));
                     Box::pin(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%error, "connection ended with an error");

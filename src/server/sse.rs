@@ -92,7 +92,9 @@ pub(super) async fn serve(
     let mut request = match reading.await {
         Ok(Ok(request)) => request,
         Ok(Err(Refused::Status(status))) => {
-            let _ = socket.write_all(plain_response(status).as_bytes()).await;
+            let _ = socket
+                .write_all(super::parser_errors::answer(status).as_bytes())
+                .await;
             linger(&mut socket).await;
             return;
         }
@@ -184,15 +186,6 @@ fn parse_request(head: &[u8]) -> Result<Request, Refused> {
 }
 
 /// A response to a request this path could not read; the connection closes after it.
-fn plain_response(status: StatusCode) -> String {
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\ndate: {}\r\n\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        now_date(),
-    )
-}
-
 fn now_date() -> String {
     httpdate::fmt_http_date(std::time::SystemTime::now())
 }

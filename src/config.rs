@@ -219,8 +219,14 @@ impl Vars {
         }
     }
 
+    /// Milliseconds, at most ten years: a deadline that far ahead is "never", and one
+    /// much further would overflow the clock it is added to.
     fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        self.parse(name, default).map(Duration::from_millis)
+        const TEN_YEARS_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
+        match self.parse(name, default)? {
+            ms if ms > TEN_YEARS_MS => Err(self.error(name, "more than ten years")),
+            ms => Ok(Duration::from_millis(ms)),
+        }
     }
 
     fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -273,6 +279,11 @@ mod tests {
         assert!(err.to_string().contains("DATABASE_URL"));
         let err = config(&[("MAX_CLIENTS", "-1")]).unwrap_err();
         assert_eq!(err.name, "MAX_CLIENTS");
+        let err = config(&[("REQUEST_TIMEOUT_MS", "18446744073709551615")]).unwrap_err();
+        assert_eq!(
+            (err.name, err.reason.as_str()),
+            ("REQUEST_TIMEOUT_MS", "more than ten years")
+        );
         let err = config(&[("PORT", "99999")]).unwrap_err();
         assert_eq!(
             (err.name, err.reason.as_str()),

@@ -95,7 +95,7 @@ impl From<PublishError> for Error {
     fn from(error: PublishError) -> Self {
         match error {
             PublishError::Invalid(message) => Self::bad_request("invalid_event", message),
-            PublishError::TooLarge(_) => Self::PayloadTooLarge(error.to_string()),
+            PublishError::TooLarge { .. } => Self::PayloadTooLarge(error.to_string()),
             PublishError::Serialize(e) => Self::bad_request("invalid_event", e.to_string()),
             // Logged by the publisher, which saw the cause.
             PublishError::Unavailable(_) => Self::PublishUnavailable,

@@ -188,7 +188,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     serde_json::error::Category::Data => {
                         format!("the body must be a JSON object: {e}")
                     }
-                    _ => format!("the body is not valid JSON: {e}"),
+                    _ => format!("the body could not be read as JSON: {e}"),
                 };
                 Error::bad_request("invalid_body", message)
             })?;

@@ -177,8 +177,9 @@ pub struct SseEvent {
 fn announces_body(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING)
         || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes().iter().any(|&b| b != b'0'))
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|length| length.as_bytes().iter().any(|&b| b != b'0'))
 }
 
 /// Opens a stream: `retry:`, `connected`, then history, then live events.

@@ -18,9 +18,9 @@ pub(super) fn answer(status: StatusCode) -> String {
         StatusCode::URI_TOO_LONG => ("uri_too_long", "the request URI is over 65534 bytes"),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
             "headers_too_large",
-            "the request has more than 100 headers, or its head is too large",
+            "the request's headers are too many or too large",
         ),
-        _ => ("bad_request", "the request is not valid HTTP/1.1"),
+        _ => ("bad_request", "the request is not valid HTTP/1"),
     };
     let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
     format!(
@@ -34,24 +34,47 @@ pub(super) fn answer(status: StatusCode) -> String {
 }
 
 /// The status of a head that hyper wrote for a request it could not parse: one of the
-/// three, closing the connection, with nothing after it. No handler's answer starts so,
-/// since every error they give has a body.
+/// three, whole, with no headers but `content-length: 0`, `date` and perhaps
+/// `connection`, and nothing after it. No handler's answer looks so, since every error
+/// they give has a JSON body.
 fn refusal(written: &[u8]) -> Option<StatusCode> {
-    const REST: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\n";
-    [
-        (&b"HTTP/1.1 400 Bad Request"[..], StatusCode::BAD_REQUEST),
-        (b"HTTP/1.1 414 URI Too Long", StatusCode::URI_TOO_LONG),
+    let head = written.strip_suffix(b"\r\n\r\n")?;
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let status_line = lines.next()?;
+    let status = [
+        (&b" 400 Bad Request"[..], StatusCode::BAD_REQUEST),
+        (b" 414 URI Too Long", StatusCode::URI_TOO_LONG),
         (
-            b"HTTP/1.1 431 Request Header Fields Too Large",
+            b" 431 Request Header Fields Too Large",
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         ),
     ]
     .into_iter()
-    .find(|(line, _)| written.starts_with(line) && written[line.len()..].starts_with(REST))
-    .map(|(_, status)| status)
+    .find(|(rest, _)| {
+        [&b"HTTP/1.1"[..], b"HTTP/1.0"]
+            .iter()
+            .any(|version| status_line.strip_prefix(*version) == Some(*rest))
+    })?
+    .1;
+    let mut empty = false;
+    for line in lines {
+        let line = line.to_ascii_lowercase();
+        if line == b"content-length: 0" {
+            empty = true;
+        } else if !(line.starts_with(b"date: ") || line.starts_with(b"connection: ")) {
+            return None;
+        }
+    }
+    empty.then_some(status)
 }
 
-/// A connection whose parser refusals go out as [`answer`]s.
+/// A connection whose parser refusals go out as [`answer`]s. hyper hands a refusal's
+/// head over whole, as one buffer (the first slice of a vectored write), and retries
+/// the same buffer while the write is pending, as `AsyncWrite` callers do: the
+/// replacement is written across those calls, and the head reported as written once it
+/// is all out.
 pub(super) struct WithJsonRefusals<IO> {
     io: IO,
     /// What is left of a replacement, and the length of the head it stands for.
@@ -68,8 +91,9 @@ impl<IO> WithJsonRefusals<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> WithJsonRefusals<IO> {
-    /// Writes the rest of a replacement; then reports the replaced head as written.
-    fn poll_replace(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Writes what is left of a replacement, if any; then says how much of the caller's
+    /// `offered` bytes the replaced head counts for.
+    fn poll_replace(&mut self, cx: &mut Context<'_>, offered: usize) -> Poll<io::Result<usize>> {
         while let Some((rest, _)) = self.replacing.as_mut().filter(|(rest, _)| !rest.is_empty()) {
             match ready!(Pin::new(&mut self.io).poll_write(cx, rest))? {
                 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -77,7 +101,7 @@ impl<IO: AsyncWrite + Unpin> WithJsonRefusals<IO> {
             }
         }
         let (_, stands_for) = self.replacing.take().unwrap_or_default();
-        Poll::Ready(Ok(stands_for))
+        Poll::Ready(Ok(stands_for.min(offered)))
     }
 }
 
@@ -104,7 +128,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WithJsonRefusals<IO> {
             this.replacing = Some((answer(status).into_bytes(), buf.len()));
         }
         if this.replacing.is_some() {
-            return this.poll_replace(cx);
+            return this.poll_replace(cx, buf.len());
         }
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
@@ -114,11 +138,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WithJsonRefusals<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        // hyper hands a refusal's head over as one slice with nothing after it.
         let this = self.get_mut();
-        let first = bufs.iter().find(|b| !b.is_empty());
-        if this.replacing.is_some() || first.is_some_and(|b| refusal(b).is_some()) {
-            return Pin::new(this).poll_write(cx, first.map_or(&[][..], |b| &b[..]));
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if this.replacing.is_some() || refusal(first).is_some() {
+            return Pin::new(this).poll_write(cx, first);
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
@@ -128,11 +154,19 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WithJsonRefusals<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        if this.replacing.is_some() {
+            ready!(this.poll_replace(cx, 0))?;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.replacing.is_some() {
+            ready!(this.poll_replace(cx, 0))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -148,10 +182,20 @@ mod tests {
             refusal(hyper_431),
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
         );
+        // After a keep-alive HTTP/1.0 request, hyper answers in that version and does not
+        // say it closes.
+        let hyper_10 = b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\
+                         date: Tue, 01 Dec 2026 05:49:12 GMT\r\n\r\n";
+        assert_eq!(refusal(hyper_10), Some(StatusCode::BAD_REQUEST));
         let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
                      content-length: 60\r\n\r\n";
         assert_eq!(refusal(ours), None);
-        assert_eq!(refusal(b"HTTP/1.1 200 OK\r\n"), None);
+        // Anything after the head, or a head cut short, is not a refusal to replace.
+        let mut more = hyper_431.to_vec();
+        more.extend_from_slice(b"x");
+        assert_eq!(refusal(&more), None);
+        assert_eq!(refusal(&hyper_431[..40]), None);
+        assert_eq!(refusal(b"HTTP/1.1 200 OK\r\n\r\n"), None);
     }
 
     #[test]

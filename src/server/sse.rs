@@ -112,9 +112,13 @@ pub(super) async fn serve(
     // timeout) gets its own body written.
     let mut direct = slot.take().filter(|_| response.status() == StatusCode::OK);
     drop(slot);
+    let refused = !response.status().is_success();
     // A fired `kill` drops this future in the accept loop: no second watch on it here.
     if let Err(error) = write_response(&mut socket, response, version, direct.as_mut()).await {
         tracing::debug!(%error, "stream connection ended with an error");
+    } else if refused {
+        // The client may still be sending (a body it announced): let it read the answer.
+        linger(&mut socket).await;
     }
 }
 
@@ -185,7 +189,7 @@ fn parse_request(head: &[u8]) -> Result<Request, Refused> {
     request.body(Body::empty()).map_err(bad)
 }
 
-/// A response to a request this path could not read; the connection closes after it.
+/// The `date` header's value: now.
 fn now_date() -> String {
     httpdate::fmt_http_date(std::time::SystemTime::now())
 }

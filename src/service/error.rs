@@ -41,10 +41,12 @@ pub enum NotReady {
 pub enum PublishError {
     #[error("{0}")]
     Invalid(String),
-    /// With the index of the batch event it was in.
     #[error("{}data is larger than {MAX_DATA_BYTES} bytes once serialized",
-        .0.map(|i| format!("events[{i}]: ")).unwrap_or_default())]
-    TooLarge(Option<usize>),
+        .event.map(|i| format!("events[{i}]: ")).unwrap_or_default())]
+    TooLarge {
+        /// The index of the batch event whose data it was.
+        event: Option<usize>,
+    },
     #[error("data could not be serialized as JSON")]
     Serialize(#[from] serde_json::Error),
     #[error("the event could not be stored")]

@@ -287,7 +287,10 @@ impl EventService {
                 }
                 prepare(filter, event, data).map_err(|error| match error {
                     PublishError::Invalid(e) => PublishError::Invalid(format!("events[{i}]: {e}")),
-                    PublishError::TooLarge(_) => PublishError::TooLarge(Some(i)),
+                    PublishError::TooLarge { .. } => PublishError::TooLarge { event: Some(i) },
+                    PublishError::Serialize(e) => {
+                        PublishError::Invalid(format!("events[{i}]: {e}"))
+                    }
                     other => other,
                 })
             })
@@ -413,7 +416,7 @@ fn prepare<T: Serialize + ?Sized>(
     let kind = EventName::parse(event).map_err(PublishError::Invalid)?;
     let data = serde_json::to_string(data)?;
     if data.len() > MAX_DATA_BYTES {
-        return Err(PublishError::TooLarge(None));
+        return Err(PublishError::TooLarge { event: None });
     }
     Ok(publisher::Prepared { kind, data, filter })
 }

@@ -155,8 +155,17 @@ async fn a_huge_announced_body_gets_413_before_any_100_continue() {
 async fn a_stream_request_with_a_body_is_refused_at_once() {
     let db = TestDb::sqlite().await;
     let app = spawn_app(&db).await;
-    for framing in ["Content-Length: 100", "Transfer-Encoding: chunked"] {
-        let request = format!("GET /api/sse?userId=u HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\nabc");
+    // The body may be short, still on its way (the answer must not be lost to a reset
+    // when the server closes with it unread), or hidden behind a first length of 0.
+    let large = "x".repeat(300_000);
+    for (framing, body) in [
+        ("Content-Length: 100", "abc"),
+        ("Transfer-Encoding: chunked", "abc"),
+        ("Content-Length: 300000", large.as_str()),
+        ("Content-Length: 0\r\nContent-Length: 3", "abc"),
+    ] {
+        let request =
+            format!("GET /api/sse?userId=u HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\n{body}");
         let answer = raw_exchange(app.addr, request.as_bytes(), PATIENCE).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{framing}: {answer}");
         assert!(answer.contains("invalid_body"), "{answer}");
@@ -462,6 +471,15 @@ async fn an_unreadable_or_oversized_request_gets_400_414_or_431_as_json_and_the_
     );
     let oversized = raw_exchange(app.addr, huge.as_bytes(), wait).await;
     assert_json_refusal(&oversized, 431, "headers_too_large");
+    // hyper answers a bad request after a kept-alive HTTP/1.0 one in HTTP/1.0.
+    let second = raw_exchange(
+        app.addr,
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.0\r\nbad name: v\r\n\r\n",
+        wait,
+    )
+    .await;
+    let refusal = &second[second.find("HTTP/1.1 400").expect(&second)..];
+    assert_json_refusal(refusal, 400, "bad_request");
     // A refusal from the router is framed on the stream path too.
     let refused = raw_exchange(
         app.addr,

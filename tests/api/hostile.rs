@@ -411,7 +411,9 @@ async fn a_stream_request_in_pieces_opens_a_chunked_stream_that_the_server_close
 
 #[tokio::test]
 async fn an_http_1_0_stream_is_sent_without_chunks() {
-    let app = spawn_app(&TestDb::sqlite().await).await;
+    // Held to the end: dropping it deletes the database file under the running app.
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
     let mut socket = TcpStream::connect(app.addr).await.unwrap();
     socket
         .write_all(b"GET /api/sse?userId=u1 HTTP/1.0\r\n\r\n")
@@ -444,7 +446,9 @@ fn assert_json_refusal(answer: &str, status: u16, code: &str) {
 #[tokio::test]
 async fn an_unreadable_or_oversized_request_gets_400_414_or_431_as_json_and_the_server_keeps_serving()
  {
-    let app = spawn_app(&TestDb::sqlite().await).await;
+    // Held to the end: dropping it deletes the database file under the running app.
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
     let wait = Duration::from_secs(2);
     // A stream's head is read by the server itself; every other route's by hyper. The
     // answers are the same.

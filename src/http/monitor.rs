@@ -154,7 +154,7 @@ pub struct Probe {
         ("userId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
         ("sessionId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
         ("clientIds" = Option<String>, Query, nullable = false, description = "Comma-separated client ids (UUIDs)", pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(,[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})*)?$"),
-        ("limit" = Option<u32>, Query, nullable = false, minimum = 1, maximum = 1000, description = "Clients per page (default 100)"),
+        ("limit" = Option<u32>, Query, nullable = false, minimum = 1, maximum = 1000, description = "Clients per page (default 100); empty counts as absent"),
         ("after" = Option<String>, Query, nullable = false, description = "The nextAfter of the previous page; empty counts as absent", pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"),
     ),
     responses(

@@ -187,7 +187,7 @@ fn announces_body(headers: &HeaderMap) -> bool {
     params(
         ("userId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
         ("sessionId" = Option<String>, Query, nullable = false, max_length = 256, description = "Empty counts as absent"),
-        ("lastEventId" = Option<i64>, Query, nullable = false, minimum = 0, maximum = 9223372036854775807_i64, description = "Resume after this event id (the Last-Event-ID header wins)"),
+        ("lastEventId" = Option<i64>, Query, nullable = false, minimum = 0, maximum = 9223372036854775807_i64, description = "Resume after this event id (the Last-Event-ID header wins); empty counts as absent"),
         ("token" = Option<String>, Query, nullable = false, max_length = 4096, description = "Subscriber JWT, when SSE_JWT_SECRET is set"),
         ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^([0-9]{1,18})?$", description = "Resume after this event id; empty counts as absent"),
     ),

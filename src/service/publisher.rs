@@ -18,8 +18,8 @@ use crate::{
 
 /// Most publishes stored in one transaction.
 const MAX_BATCH: usize = 256;
-/// After a commit of at least this many publishes, the next batch waits while publishes
-/// keep arriving, for up to `GATHER_YIELDS` turns of the scheduler.
+/// After a commit of at least this many publish requests, the next batch waits while
+/// requests keep arriving, for up to `GATHER_YIELDS` yields to the scheduler.
 const GATHER_AFTER: usize = 8;
 const GATHER_YIELDS: usize = 16;
 /// Most events read at once to catch up on ids that other instances took.
@@ -54,11 +54,7 @@ pub(super) async fn run(
     let shutdown = service.inner.shutdown.clone();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut writer = Writer::default();
-    let mut last = 0;
     loop {
-        if last >= GATHER_AFTER {
-            gather(&requests).await;
-        }
         let received = tokio::select! {
             n = requests.recv_many(&mut batch, MAX_BATCH) => n,
             Ok(()) = committed.changed() => {
@@ -78,18 +74,23 @@ pub(super) async fn run(
         if received == 0 {
             return;
         }
-        last = received;
         publish_batch(&service, &mut writer, std::mem::take(&mut batch)).await;
+        if received >= GATHER_AFTER {
+            gather(&requests).await;
+        }
     }
 }
 
-/// Under load, the publishes answered by the last commit come back within a few turns of
-/// the scheduler: letting them join the next batch makes commits larger and fewer. (At
-/// 64 in flight: 30 publishes per commit instead of 21, and Postgres's CPU per event
-/// 10–35% lower.) A lone publish never waits here: it follows a small batch.
+/// Under load, the clients answered by the last commit send their next publishes within
+/// a few yields: letting those join the next batch makes commits larger and fewer (see
+/// BENCHMARKS.md, seventh session). Only a large batch is followed by this, so a publish
+/// that comes alone is taken at once; a full batch already waiting is taken at once too.
 async fn gather(requests: &mpsc::Receiver<Request>) {
     for _ in 0..GATHER_YIELDS {
         let queued = requests.len();
+        if queued >= MAX_BATCH {
+            return;
+        }
         tokio::task::yield_now().await;
         if requests.len() == queued {
             return;

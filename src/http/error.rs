@@ -59,6 +59,14 @@ struct ErrorDetail {
     message: String,
 }
 
+impl ErrorBody {
+    pub fn new(code: &'static str, message: String) -> Self {
+        Self {
+            error: ErrorDetail { code, message },
+        }
+    }
+}
+
 impl Error {
     /// `400 invalid_parameter`: `name` breaks `rule`.
     pub fn invalid_parameter(name: &str, rule: &str) -> Self {
@@ -127,13 +135,7 @@ impl IntoResponse for Error {
         if let Self::Unavailable(error) = &self {
             tracing::error!(%error);
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code,
-                message: self.to_string(),
-            },
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(ErrorBody::new(code, self.to_string()))).into_response();
         if matches!(self, Self::RequestTimeout) {
             // What is left of the request is still on its way: do not wait for it.
             response

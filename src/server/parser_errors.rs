@@ -12,6 +12,8 @@ use std::{
 use axum::http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::http::ErrorBody;
+
 /// The complete answer, JSON body included, to a head that was refused with `status`.
 pub(super) fn answer(status: StatusCode) -> String {
     let (code, message) = match status {
@@ -22,14 +24,15 @@ pub(super) fn answer(status: StatusCode) -> String {
         ),
         _ => ("bad_request", "the request is not valid HTTP/1"),
     };
-    let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
+    // Plain strings: serializing them cannot fail.
+    let body = serde_json::to_string(&ErrorBody::new(code, message.into())).unwrap_or_default();
     format!(
         "HTTP/1.1 {} {}\r\nconnection: close\r\ncontent-type: application/json\r\n\
          content-length: {}\r\ndate: {}\r\n\r\n{body}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
-        httpdate::fmt_http_date(std::time::SystemTime::now()),
+        super::sse::now_date(),
     )
 }
 
@@ -38,6 +41,10 @@ pub(super) fn answer(status: StatusCode) -> String {
 /// `connection`, and nothing after it. No handler's answer looks so, since every error
 /// they give has a JSON body.
 fn refusal(written: &[u8]) -> Option<StatusCode> {
+    // Every response hyper writes passes here: most are told apart by their status alone.
+    if !matches!(written.get(9..13), Some(b"400 " | b"414 " | b"431 ")) {
+        return None;
+    }
     let head = written.strip_suffix(b"\r\n\r\n")?;
     let mut lines = head
         .split(|&b| b == b'\n')

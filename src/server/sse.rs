@@ -190,7 +190,7 @@ fn parse_request(head: &[u8]) -> Result<Request, Refused> {
 }
 
 /// The `date` header's value: now.
-fn now_date() -> String {
+pub(super) fn now_date() -> String {
     httpdate::fmt_http_date(std::time::SystemTime::now())
 }
 

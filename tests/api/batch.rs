@@ -94,22 +94,14 @@ async fn a_repeated_key_keeps_its_last_value_in_a_body_and_in_a_batch_event() {
     let app = spawn_app(&db).await;
     let mut alice = app.subscribe("userId=alice").await;
     alice.connected().await;
-    let post = |path: &str, body: &'static str| {
-        app.http
-            .post(app.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
-
     let notify = r#"{"filter":{"userId":"alice"},"event":"x","event":"n","data":1,"data":2}"#;
     assert_eq!(
-        post("/api/sse/notify", notify).await.unwrap().status(),
+        app.post_text("/api/sse/notify", notify).await.status(),
         StatusCode::ACCEPTED
     );
     let batch = r#"{"events":[{"filter":{"userId":"alice"},"event":"x","data":3,"event":"m"}]}"#;
     assert_eq!(
-        post("/api/sse/batch", batch).await.unwrap().status(),
+        app.post_text("/api/sse/batch", batch).await.status(),
         StatusCode::ACCEPTED
     );
 

@@ -289,6 +289,16 @@ impl TestApp {
             .expect("POST")
     }
 
+    /// POSTs `body` as it is, with no content type: for bodies that are not JSON values.
+    pub async fn post_text(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
     /// Publishes through `POST /api/sse/notify`, expecting 202; returns the response body.
     pub async fn notify(&self, filter: Value, event: &str, data: Value) -> Value {
         let response = self

@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::helpers::{PATIENCE, TestApp, TestDb, error_code, spawn_app, spawn_app_with};
+use crate::helpers::{PATIENCE, TestDb, error_code, spawn_app, spawn_app_with};
 
 /// Sends raw bytes and returns what comes back until the server closes or `wait` passes.
 async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
@@ -18,15 +18,6 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> Strin
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(wait, socket.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-async fn post_raw(app: &TestApp, path: &str, body: &str) -> reqwest::Response {
-    app.http
-        .post(app.url(path))
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -82,7 +73,7 @@ async fn loose_bodies_and_filters_are_refused() {
         ("/api/sse/test", r#"["u1","hi"]"#.to_owned()),
     ];
     for (path, body) in refused {
-        let response = post_raw(&app, path, &body).await;
+        let response = app.post_text(path, body.clone()).await;
         let code = error_code(response, StatusCode::BAD_REQUEST).await;
         assert!(code.starts_with("invalid_"), "{path} {body}: {code}");
     }

@@ -231,13 +231,7 @@ async fn every_bad_publish_gets_a_json_error_and_the_server_keeps_serving() {
         ("{\"event\": \"n\", \"data\": 1e999}", "number out of range"),
         ("[1]", "must be a JSON object"),
     ] {
-        let response = app
-            .http
-            .post(app.url("/api/sse/broadcast"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_text("/api/sse/broadcast", body).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["code"], "invalid_body", "{body}");
@@ -353,13 +347,7 @@ async fn a_published_double_arrives_with_exactly_its_value() {
     .collect();
     let list: Vec<String> = sent.iter().map(|x| format!("{x:e}")).collect();
     let body = format!(r#"{{"event": "f", "data": [{}]}}"#, list.join(","));
-    let response = app
-        .http
-        .post(app.url("/api/sse/broadcast"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = app.post_text("/api/sse/broadcast", body).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let event = stream.next_event().await;
     let text = event.data.trim_start_matches('[').trim_end_matches(']');

@@ -2,7 +2,13 @@
 //! bytes waiting counted, so that a reader that falls behind is cut off instead of letting
 //! the server's memory grow.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{
+        AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize,
+        Ordering::{Acquire, Relaxed, Release},
+    },
+};
 
 use bytes::Bytes;
 use futures_channel::mpsc;
@@ -17,6 +23,32 @@ pub(super) const QUEUE_EVENTS: usize = 1024;
 pub(super) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 const NEVER_SAVED: u64 = u64::MAX;
+
+/// Who writes to a stream's connection (`Client::writer`).
+/// The connection's own task: the dispatcher queues.
+const TASK: u8 = 0;
+/// Nobody: the task waits with nothing to write, and the dispatcher may write itself.
+const LENT: u8 = 1;
+/// The dispatcher, writing one frame now.
+const DISPATCHER: u8 = 2;
+
+/// A stream's connection as the dispatcher writes to it while the stream's task waits
+/// with nothing queued: a broadcast then costs one system call per stream, not also a
+/// wake-up and a poll of its task.
+pub trait Direct: Send + Sync {
+    /// Writes `frame` without waiting.
+    fn write_now(&self, frame: &Bytes) -> Wrote;
+}
+
+/// How much of a frame `Direct::write_now` wrote.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wrote {
+    All,
+    /// Part of it: the connection keeps the rest for its task, which must be woken.
+    Part,
+    /// None (the socket is full or failed): the frame goes to the queue.
+    Nothing,
+}
 
 /// One frame in a stream's queue. `id` is 0 for frames that are not stored events.
 #[derive(Debug)]
@@ -47,6 +79,8 @@ pub struct Client {
     /// Cancels this stream's connection; fired for streams that are cut off.
     pub(super) kill: CancellationToken,
     pub(super) dropped: AtomicBool,
+    /// `TASK`, `LENT` or `DISPATCHER`: see `lend` and `reclaim`.
+    writer: AtomicU8,
     /// The cluster already closed and counted this session (its instance was declared
     /// dead): its end is not recorded again.
     pub(super) forgotten: AtomicBool,
@@ -69,6 +103,7 @@ impl Client {
             saved_events: AtomicU64::new(NEVER_SAVED),
             kill,
             dropped: AtomicBool::new(false),
+            writer: AtomicU8::new(TASK),
             forgotten: AtomicBool::new(false),
         }
     }
@@ -116,6 +151,21 @@ impl Client {
         }
     }
 
+    /// The stream's task has written everything it had and waits: until it reclaims the
+    /// connection, the dispatcher may write the next event itself (if nothing is queued).
+    pub fn lend(&self) {
+        self.writer.store(LENT, Release);
+    }
+
+    /// Takes the connection back before the task writes; `false` while the dispatcher is
+    /// writing one frame (the task tries again after a yield).
+    pub fn reclaim(&self) -> bool {
+        match self.writer.compare_exchange(LENT, TASK, Acquire, Acquire) {
+            Ok(_) | Err(TASK) => true,
+            Err(_) => false,
+        }
+    }
+
     /// A queued frame that the stream will not send after all.
     pub(super) fn skipped(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Relaxed);
@@ -131,13 +181,69 @@ impl Client {
 /// A registry entry: the stream's client and the sending end of its queue. Only the
 /// registry holds the sender, so removing the entry ends the stream once its queue is
 /// written.
-#[derive(Debug)]
 pub(super) struct Slot {
-    pub client: std::sync::Arc<Client>,
+    pub client: Arc<Client>,
     pub tx: mpsc::UnboundedSender<Frame>,
+    /// Set once the server serves the stream's connection itself.
+    pub direct: OnceLock<Arc<dyn Direct>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("client", &self.client)
+            .field("direct", &self.direct.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Slot {
+    /// Writes `frame` to the connection at once when the stream's task has lent it and
+    /// nothing is queued; `false` leaves the frame to the queue. A frame that settles a
+    /// pending row goes through the queue, where the stream's records settle it.
+    pub fn write_direct(&self, frame: &Frame, now: i64, wall: i64) -> bool {
+        let client = &self.client;
+        let Some(direct) = self.direct.get() else {
+            return false;
+        };
+        if frame.settles_pending
+            || client.dropped.load(Relaxed)
+            || client
+                .writer
+                .compare_exchange(LENT, DISPATCHER, Acquire, Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        // Frames already queued go first: the task was woken for them and has not run.
+        if client.queued_frames.load(Relaxed) > 0 {
+            client.writer.store(LENT, Release);
+            return false;
+        }
+        let wrote = direct.write_now(&frame.bytes);
+        if wrote != Wrote::Nothing {
+            client.wrote(frame.bytes.len(), frame.id > 0, false, now, wall);
+        }
+        match wrote {
+            Wrote::All => client.writer.store(LENT, Release),
+            Wrote::Part => {
+                client.writer.store(TASK, Release);
+                // An empty frame wakes the task, which writes the rest before anything else.
+                let nudge = Frame {
+                    id: 0,
+                    bytes: Bytes::new(),
+                    settles_pending: false,
+                };
+                let _ = self.offer(nudge, now);
+            }
+            Wrote::Nothing => {
+                client.writer.store(LENT, Release);
+                return false;
+            }
+        }
+        true
+    }
+
     /// Queues a frame without waiting.
     pub fn offer(&self, frame: Frame, now: i64) -> Result<(), Offer> {
         let client = &self.client;

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use client::{Client, Frame};
+pub use client::{Client, Direct, Frame, Wrote};
 
 use client::{Offer, Slot};
 use cutoff::CutOff;
@@ -112,6 +112,14 @@ impl Registration {
     pub fn instance_id(&self) -> &str {
         self.hub.instance_id()
     }
+
+    /// Lets the dispatcher write to the stream's connection itself whenever the stream
+    /// lends it (`Client::lend`).
+    pub fn attach(&self, direct: Arc<dyn Direct>) {
+        if let Some(slot) = self.hub.read().clients.get(&self.client.info.client_id) {
+            let _ = slot.direct.set(direct);
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -133,6 +141,10 @@ pub struct Dispatch<'a> {
     /// Users with no pending row, because they had a stream here when the event was
     /// published: `dispatch` says which of them no stream was handed it to. Sorted too.
     pub expected_users: &'a [String],
+    /// Write to idle streams' connections here rather than wake their tasks: for the
+    /// last event of a batch, when no other waits (a queue lets a busy stream's task
+    /// write many events at once).
+    pub direct: bool,
 }
 
 /// What `dispatch` did.
@@ -140,6 +152,8 @@ pub struct Dispatch<'a> {
 pub struct Handed<'a> {
     /// Streams that took the event.
     pub streams: usize,
+    /// Of those, the streams it was written to here, not queued.
+    pub written: usize,
     /// Those of `expected_users` with no stream that took it.
     pub missed: Vec<&'a str>,
 }
@@ -225,10 +239,11 @@ impl Hub {
         {
             return Err(RegisterError::UserFull);
         }
-        reg.insert(Slot {
+        reg.insert(Arc::new(Slot {
             client: client.clone(),
             tx,
-        });
+            direct: std::sync::OnceLock::new(),
+        }));
         let cursor = reg.cursor();
         drop(reg);
         Ok(Registration {
@@ -243,13 +258,27 @@ impl Hub {
         self.write().remove(id);
     }
 
-    /// Hands an event to every matching stream.
+    /// Hands an event to every matching stream: queued, or written to the connections
+    /// of idle streams (`Dispatch::direct`) once the registry's lock is released.
     pub fn dispatch<'a>(&self, event: &Dispatch<'a>) -> Handed<'a> {
         debug_assert!(event.pending_users.is_sorted() && event.expected_users.is_sorted());
-        let mut delivered = 0;
         let mut reached = vec![false; event.expected_users.len()];
+        let (mut streams, mut written) = (0, 0);
         let mut too_slow = Vec::new();
+        let mut direct = Vec::new();
         let now = self.clock();
+        let mut took = |client: &Client, result: Result<(), Offer>| match result {
+            Ok(()) => {
+                streams += 1;
+                if let Some(user) = &client.info.user_id
+                    && let Ok(i) = event.expected_users.binary_search(user)
+                {
+                    reached[i] = true;
+                }
+            }
+            Err(Offer::TooSlow) => too_slow.push(client.info.client_id),
+            Err(Offer::Gone) => {}
+        };
         {
             let reg = self.read();
             reg.cursor.fetch_max(event.id, Relaxed);
@@ -258,33 +287,41 @@ impl Hub {
                 if !event.filter.is_none_or(|f| f.matches(&client.info)) {
                     return;
                 }
-                let settles_pending = client
-                    .info
-                    .user_id
-                    .as_ref()
-                    .is_some_and(|u| event.pending_users.binary_search(u).is_ok());
                 let frame = Frame {
                     id: event.id,
                     bytes: event.frame.clone(),
-                    settles_pending,
+                    settles_pending: client
+                        .info
+                        .user_id
+                        .as_ref()
+                        .is_some_and(|u| event.pending_users.binary_search(u).is_ok()),
                 };
-                match slot.offer(frame, now) {
-                    Ok(()) => {
-                        delivered += 1;
-                        if let Some(user) = &client.info.user_id
-                            && let Ok(i) = event.expected_users.binary_search(user)
-                        {
-                            reached[i] = true;
-                        }
-                    }
-                    Err(Offer::TooSlow) => too_slow.push(client.info.client_id),
-                    Err(Offer::Gone) => {}
+                if event.direct && !frame.settles_pending && slot.direct.get().is_some() {
+                    direct.push((slot.clone(), frame));
+                } else {
+                    took(client, slot.offer(frame, now));
                 }
             });
         }
+        // No lock is held across these writes.
+        if !direct.is_empty() {
+            let wall = crate::event::now_millis();
+            let results = write_all_direct(&direct, now, wall);
+            for ((slot, frame), done) in direct.into_iter().zip(results) {
+                if done {
+                    written += 1;
+                    took(&slot.client, Ok(()));
+                } else {
+                    took(&slot.client, slot.offer(frame, now));
+                }
+            }
+            let frames = &self.inner.metrics.frames_written;
+            frames.fetch_add(written as u64, Relaxed);
+        }
         self.cut_off(&too_slow, CutOff::TooSlow);
         Handed {
-            streams: delivered,
+            streams,
+            written,
             missed: event
                 .expected_users
                 .iter()
@@ -366,6 +403,38 @@ impl Hub {
     }
 }
 
+/// Streams a thread of its own takes in a large direct dispatch.
+const STREAMS_PER_WRITER: usize = 1024;
+
+/// Writes each frame to its stream's connection (`Slot::write_direct`); whether each
+/// went. A large broadcast is shared out among the machine's cores: the time a send takes
+/// is mostly the kernel's, delivering to the reader, and a core can do only so many.
+fn write_all_direct(direct: &[(Arc<Slot>, Frame)], now: i64, wall: i64) -> Vec<bool> {
+    let write = |part: &[(Arc<Slot>, Frame)]| -> Vec<bool> {
+        part.iter()
+            .map(|(slot, frame)| slot.write_direct(frame, now, wall))
+            .collect()
+    };
+    static CORES: std::sync::LazyLock<usize> =
+        std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let writers = CORES.min(direct.len() / STREAMS_PER_WRITER).max(1);
+    if writers == 1 {
+        return write(direct);
+    }
+    let parts: Vec<_> = direct.chunks(direct.len().div_ceil(writers)).collect();
+    std::thread::scope(|scope| {
+        let others: Vec<_> = parts[1..]
+            .iter()
+            .map(|part| (part.len(), scope.spawn(|| write(part))))
+            .collect();
+        let mut results = write(parts[0]);
+        for (len, other) in others {
+            results.extend(other.join().unwrap_or_else(|_| vec![false; len]));
+        }
+        results
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -394,6 +463,7 @@ mod tests {
             filter,
             pending_users: &[],
             expected_users: &[],
+            direct: false,
         })
         .streams
     }
@@ -420,14 +490,143 @@ mod tests {
             filter: None,
             pending_users: &[],
             expected_users: &expected,
+            direct: false,
         });
         assert_eq!(
             handed,
             Handed {
                 streams: 1,
+                written: 0,
                 missed: vec!["gone"]
             }
         );
+    }
+
+    /// A connection that records what the dispatcher wrote to it and answers `reply`.
+    #[derive(Default)]
+    struct Recorder {
+        frames: std::sync::Mutex<Vec<Bytes>>,
+        reply: std::sync::Mutex<Option<Wrote>>,
+    }
+
+    impl Direct for Recorder {
+        fn write_now(&self, frame: &Bytes) -> Wrote {
+            let reply = self.reply.lock().unwrap().take().unwrap_or(Wrote::All);
+            if reply != Wrote::Nothing {
+                self.frames.lock().unwrap().push(frame.clone());
+            }
+            reply
+        }
+    }
+
+    fn direct_dispatch(hub: &Hub, id: i64, pending: &[String]) -> Handed<'static> {
+        let handed = hub.dispatch(&Dispatch {
+            id,
+            frame: Bytes::from(format!("e{id}")),
+            filter: None,
+            pending_users: pending,
+            expected_users: &[],
+            direct: true,
+        });
+        Handed {
+            streams: handed.streams,
+            written: handed.written,
+            missed: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lent_connection_is_written_to_at_once_and_a_busy_one_gets_the_queue() {
+        let hub = hub(10, Duration::from_secs(90));
+        let mut reg = hub.register(info("a"), CancellationToken::new()).unwrap();
+        let conn = Arc::new(Recorder::default());
+        reg.attach(conn.clone());
+        // Not lent yet (the stream is still writing its opening): queued.
+        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 1);
+        reg.wrote(2, true, true, 0);
+        reg.client.lend();
+        let handed = direct_dispatch(&hub, 2, &[]);
+        assert_eq!((handed.streams, handed.written), (1, 1));
+        assert_eq!(conn.frames.lock().unwrap().as_slice(), [Bytes::from("e2")]);
+        assert!(reg.rx.try_recv().is_err());
+        assert_eq!(reg.client.events_sent(), 2);
+        // Taken back: queued again, and nothing is written behind the task's back.
+        assert!(reg.client.reclaim());
+        assert_eq!(direct_dispatch(&hub, 3, &[]).written, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 3);
+        assert_eq!(conn.frames.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn queued_frames_pending_rows_and_a_full_socket_keep_an_event_on_the_queue() {
+        let hub = hub(10, Duration::from_secs(90));
+        let mut reg = hub.register(info("a"), CancellationToken::new()).unwrap();
+        let conn = Arc::new(Recorder::default());
+        reg.attach(conn.clone());
+        reg.client.lend();
+        // A heartbeat waits in the queue: the event goes behind it.
+        hub.heartbeat(Bytes::from_static(b":"));
+        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 1);
+        reg.wrote(1, false, true, 0);
+        reg.wrote(2, true, true, 0);
+        // The event settles a pending row: the stream's own records do that.
+        let pending = ["a".to_owned()];
+        assert_eq!(direct_dispatch(&hub, 2, &pending).written, 0);
+        assert!(reg.rx.try_recv().unwrap().settles_pending);
+        reg.wrote(2, true, true, 0);
+        // The socket takes nothing: queued.
+        *conn.reply.lock().unwrap() = Some(Wrote::Nothing);
+        assert_eq!(direct_dispatch(&hub, 3, &[]).written, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 3);
+        assert!(conn.frames.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_frame_written_in_part_hands_the_connection_back_and_wakes_the_task() {
+        let hub = hub(10, Duration::from_secs(90));
+        let mut reg = hub.register(info("a"), CancellationToken::new()).unwrap();
+        let conn = Arc::new(Recorder::default());
+        reg.attach(conn.clone());
+        reg.client.lend();
+        *conn.reply.lock().unwrap() = Some(Wrote::Part);
+        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 1);
+        // An empty frame wakes the task, which writes the rest before anything else.
+        let nudge = reg.rx.try_recv().unwrap();
+        assert_eq!((nudge.id, nudge.bytes.len()), (0, 0));
+        assert_eq!(direct_dispatch(&hub, 2, &[]).written, 0);
+        assert_eq!(reg.rx.try_recv().unwrap().id, 2);
+    }
+
+    #[test]
+    fn a_large_direct_dispatch_is_shared_out_and_answers_in_order() {
+        let hub = hub(5000, Duration::from_secs(90));
+        let conns: Vec<_> = (0..3000)
+            .map(|i| {
+                let reg = hub.register(info(&format!("u{i}")), CancellationToken::new());
+                let reg = reg.unwrap();
+                let conn = Arc::new(Recorder::default());
+                reg.attach(conn.clone());
+                // Every third socket is full.
+                if i % 3 == 0 {
+                    *conn.reply.lock().unwrap() = Some(Wrote::Nothing);
+                }
+                reg.client.lend();
+                (reg, conn)
+            })
+            .collect();
+        let handed = direct_dispatch(&hub, 1, &[]);
+        assert_eq!((handed.streams, handed.written), (3000, 2000));
+        for (i, (mut reg, conn)) in conns.into_iter().enumerate() {
+            let queued = reg.rx.try_recv().map(|frame| frame.id).ok();
+            let written = conn.frames.lock().unwrap().len();
+            assert_eq!(
+                (queued, written),
+                if i % 3 == 0 { (Some(1), 0) } else { (None, 1) }
+            );
+        }
     }
 
     #[tokio::test]
@@ -489,6 +688,7 @@ mod tests {
                 filter: None,
                 pending_users: &[],
                 expected_users: &[],
+                direct: false,
             });
         }
         assert!(kill.is_cancelled());

@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicI64, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering::Relaxed},
+    },
 };
 
 use uuid::Uuid;
@@ -13,7 +16,7 @@ use crate::filter::Filter;
 
 #[derive(Debug, Default)]
 pub(super) struct Registry {
-    pub clients: HashMap<Uuid, Slot>,
+    pub clients: HashMap<Uuid, Arc<Slot>>,
     by_user: HashMap<String, Vec<Uuid>>,
     by_session: HashMap<String, Vec<Uuid>>,
     /// The id of the last event dispatched: every later event reaches streams registered
@@ -24,7 +27,7 @@ pub(super) struct Registry {
 }
 
 impl Registry {
-    pub fn insert(&mut self, slot: Slot) {
+    pub fn insert(&mut self, slot: Arc<Slot>) {
         let info = &slot.client.info;
         let id = info.client_id;
         if let Some(user) = &info.user_id {
@@ -36,7 +39,7 @@ impl Registry {
         self.clients.insert(id, slot);
     }
 
-    pub fn remove(&mut self, id: Uuid) -> Option<Slot> {
+    pub fn remove(&mut self, id: Uuid) -> Option<Arc<Slot>> {
         let slot = self.clients.remove(&id)?;
         let info = &slot.client.info;
         if let Some(user) = &info.user_id {
@@ -75,8 +78,8 @@ impl Registry {
     }
 
     /// Visits the streams that may match `filter`, through the most selective index.
-    pub fn for_each_candidate(&self, filter: Option<&Filter>, mut visit: impl FnMut(&Slot)) {
-        let by_ids = |ids: &mut dyn Iterator<Item = &Uuid>, visit: &mut dyn FnMut(&Slot)| {
+    pub fn for_each_candidate(&self, filter: Option<&Filter>, mut visit: impl FnMut(&Arc<Slot>)) {
+        let by_ids = |ids: &mut dyn Iterator<Item = &Uuid>, visit: &mut dyn FnMut(&Arc<Slot>)| {
             for id in ids {
                 if let Some(client) = self.clients.get(id) {
                     visit(client);

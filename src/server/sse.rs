@@ -5,11 +5,15 @@
 //! The request still goes through the router, so access, validation, CORS and errors
 //! are the same as on any route; only the HTTP/1.1 framing is here. The response ends
 //! the connection (`Connection: close`), as a stream's end almost always does anyway.
+//!
+//! While a stream waits with nothing to write, it lends its connection to the hub, whose
+//! dispatcher then writes the next event itself ([`crate::hub::Direct`]).
 
 use std::{
     future::poll_fn,
     io,
     io::IoSlice,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll, ready},
 };
 
@@ -30,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::{ConnectionHandle, RequestStart, StreamSlot};
-use crate::service::ClientStream;
+use crate::{
+    hub::{Direct, Wrote},
+    service::ClientStream,
+};
 
 /// The request line's start that this path serves; `?` or a space must follow.
 const STREAM_LINE: &[u8] = b"GET /api/sse";
@@ -95,12 +102,19 @@ pub(super) async fn serve(
             let _ = socket
                 .write_all(super::parser_errors::answer(status).as_bytes())
                 .await;
-            linger(&mut socket).await;
+            linger(&socket).await;
             return;
         }
         Ok(Err(Refused::Gone)) | Err(_) => return,
     };
     let version = request.version();
+    // HTTP/1.0 has no chunks: such a body ends when the connection closes.
+    let connection = Arc::new(Connection {
+        socket,
+        chunked: version == Version::HTTP_11,
+        rest: Mutex::default(),
+    });
+    let socket = &connection.socket;
     request.extensions_mut().insert(RequestStart(start));
     request.extensions_mut().insert(ConnectionHandle(kill));
     let slot = StreamSlot::default();
@@ -112,21 +126,70 @@ pub(super) async fn serve(
     // timeout) gets its own body written.
     let mut direct = slot.take().filter(|_| response.status() == StatusCode::OK);
     drop(slot);
+    if let Some(stream) = &direct {
+        stream.attach(connection.clone());
+    }
     let refused = !response.status().is_success();
     // A fired `kill` drops this future in the accept loop: no second watch on it here.
-    if let Err(error) = write_response(&mut socket, response, version, direct.as_mut()).await {
+    if let Err(error) = write_response(&connection, response, version, direct.as_mut()).await {
         tracing::debug!(%error, "stream connection ended with an error");
     } else if refused {
         // The client may still be sending (a body it announced): let it read the answer.
-        linger(&mut socket).await;
+        linger(socket).await;
+    }
+}
+
+/// A stream's connection, shared with the hub (see the module's docs).
+struct Connection {
+    socket: TcpStream,
+    /// HTTP/1.1: a stream's frames go out as chunks (HTTP/1.0 has none).
+    chunked: bool,
+    /// What the dispatcher could not write of a frame: the task writes it first.
+    rest: Mutex<Option<Bytes>>,
+}
+
+impl Connection {
+    fn take_rest(&self) -> Option<Bytes> {
+        self.rest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl Direct for Connection {
+    fn write_now(&self, frame: &Bytes) -> Wrote {
+        if frame.is_empty() {
+            return Wrote::All;
+        }
+        let mut size = [0u8; 18];
+        let (head, tail): (&[u8], &[u8]) = match self.chunked {
+            true => (chunk_size(&mut size, frame.len()), b"\r\n"),
+            false => (b"", b""),
+        };
+        let mut parts = [IoSlice::new(head), IoSlice::new(frame), IoSlice::new(tail)];
+        let length = head.len() + frame.len() + tail.len();
+        // An error: the task meets it on its next write, or its peer's close.
+        let sent = try_send(&self.socket, &parts).unwrap_or(0);
+        if sent == 0 {
+            return Wrote::Nothing;
+        }
+        if sent < length {
+            let mut parts = &mut parts[..];
+            IoSlice::advance_slices(&mut parts, sent);
+            let rest: Vec<u8> = parts.iter().flat_map(|part| part.iter().copied()).collect();
+            *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest.into());
+            return Wrote::Part;
+        }
+        Wrote::All
     }
 }
 
 /// Closes our side, then reads what the client still sends for up to a second: closing
 /// with unread bytes would reset the connection, and the client might lose the answer.
 /// (Every state of `serve` counts towards each stream's size: no buffers across awaits.)
-async fn linger(socket: &mut TcpStream) {
-    let _ = socket.shutdown().await;
+async fn linger(socket: &TcpStream) {
+    shutdown(socket);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed_by_peer(socket)).await;
 }
 
@@ -197,7 +260,7 @@ pub(super) fn now_date() -> String {
 /// Writes the response; its frames come from `direct` when the handler left the stream
 /// there, else from its body.
 async fn write_response(
-    socket: &mut TcpStream,
+    connection: &Connection,
     response: Response,
     version: Version,
     direct: Option<&mut ClientStream>,
@@ -207,8 +270,7 @@ async fn write_response(
         Some(_) => None,
         None => HttpBody::size_hint(&body).exact(),
     };
-    // HTTP/1.0 has no chunks: such a body ends when the connection closes.
-    let chunked = length.is_none() && version == Version::HTTP_11;
+    let chunked = length.is_none() && connection.chunked;
     let mut head = format!(
         "{} {} {}\r\n",
         if version == Version::HTTP_10 {
@@ -248,23 +310,76 @@ async fn write_response(
         Some(stream) => {
             // Layers' wrappers around an empty body: nothing to keep for the stream's life.
             drop(body);
-            write_frames(socket, head, stream, chunked).await
+            write_frames(connection, head, stream, chunked).await
         }
-        None => write_frames(socket, head, &mut body.into_data_stream(), chunked).await,
+        None => {
+            let mut body = Unlent(body.into_data_stream());
+            write_frames(connection, head, &mut body, chunked).await
+        }
     }
 }
 
-/// Writes the head, then the body's frames as they come until it ends or the peer closes.
-async fn write_frames<S, E>(
-    socket: &mut TcpStream,
-    head: Vec<u8>,
-    frames: &mut S,
-    chunked: bool,
-) -> io::Result<()>
+/// What the write loop needs of a response's frames besides the frames.
+trait Frames: Stream<Item = Result<Bytes, Self::Error>> + Unpin {
+    type Error: Into<Box<dyn std::error::Error + Send + Sync>>;
+    /// Nothing is left to write ahead of the next frame: the hub may write it itself.
+    fn lend(&self) {}
+    /// Takes the connection back before writing; `false` while the hub is writing.
+    fn reclaim(&self) -> bool {
+        true
+    }
+}
+
+impl Frames for ClientStream {
+    type Error = std::convert::Infallible;
+
+    fn lend(&self) {
+        ClientStream::lend(self);
+    }
+
+    fn reclaim(&self) -> bool {
+        ClientStream::reclaim(self)
+    }
+}
+
+/// A body the hub knows nothing of: never lent.
+struct Unlent<S>(S);
+
+impl<S: Stream + Unpin> Stream for Unlent<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<S::Item>> {
+        self.0.poll_next_unpin(cx)
+    }
+}
+
+impl<S, E> Frames for Unlent<S>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    type Error = E;
+}
+
+/// What the write loop waits for.
+enum Next<T> {
+    Frame(Option<T>),
+    /// The rest of a frame the hub began.
+    Rest(Bytes),
+    Closed,
+}
+
+/// Writes the head, then the body's frames as they come until it ends or the peer closes.
+async fn write_frames<S: Frames>(
+    connection: &Connection,
+    head: Vec<u8>,
+    frames: &mut S,
+    chunked: bool,
+) -> io::Result<()> {
+    let socket = &connection.socket;
     // The head and the frames already waiting (a stream's `retry` and `connected`) in one
     // write: one system call, and one wake-up of the client, per new stream.
     let mut opening = Vec::new();
@@ -275,15 +390,35 @@ where
         // The frames first; the peer's close only while there are none. (The same
         // readiness slot each time: a `readable()` future per event would join and leave a
         // waiter list under a lock.)
-        let next = poll_fn(|cx| match frames.poll_next_unpin(cx) {
-            Poll::Ready(frame) => Poll::Ready(Some(frame)),
-            Poll::Pending => poll_closed_by_peer(socket, cx).map(|()| None),
+        let next = poll_fn(|cx| {
+            if !frames.reclaim() {
+                // The hub is writing one frame: try again after it.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(rest) = connection.take_rest() {
+                return Poll::Ready(Next::Rest(rest));
+            }
+            match frames.poll_next_unpin(cx) {
+                Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+                Poll::Pending => match poll_closed_by_peer(socket, cx) {
+                    Poll::Ready(()) => Poll::Ready(Next::Closed),
+                    Poll::Pending => {
+                        frames.lend();
+                        Poll::Pending
+                    }
+                },
+            }
         });
         let first = match next.await {
-            Some(Some(Ok(data))) => data,
-            Some(Some(Err(error))) => return Err(io::Error::other(error)),
-            Some(None) => break,
-            None => return Ok(()),
+            Next::Frame(Some(Ok(data))) => data,
+            Next::Frame(Some(Err(error))) => return Err(io::Error::other(error)),
+            Next::Frame(None) => break,
+            Next::Rest(rest) => {
+                write_all_vectored(socket, &mut [IoSlice::new(&rest)]).await?;
+                continue;
+            }
+            Next::Closed => return Ok(()),
         };
         // Whatever else is already queued goes out in the same write: in a burst, one
         // system call for many events. (`more` allocates only when there is more.)
@@ -292,18 +427,20 @@ where
         write_data(socket, b"", std::slice::from_ref(&first), &more, chunked).await?;
     }
     if chunked {
-        socket.write_all(b"0\r\n\r\n").await?;
+        write_all_vectored(socket, &mut [IoSlice::new(b"0\r\n\r\n")]).await?;
     }
-    socket.shutdown().await
+    shutdown(socket);
+    Ok(())
+}
+
+/// Ends our side of the connection (a FIN after what is written).
+fn shutdown(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
 }
 
 /// Moves the frames the stream has ready now, up to `MAX_BATCH`, into `ready`; `true`
 /// when the stream ended.
-fn take_ready<S, E>(frames: &mut S, ready: &mut Vec<Bytes>) -> io::Result<bool>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+fn take_ready<S: Frames>(frames: &mut S, ready: &mut Vec<Bytes>) -> io::Result<bool> {
     while ready.len() < MAX_BATCH {
         match frames.next().now_or_never() {
             Some(Some(Ok(data))) => ready.push(data),
@@ -318,7 +455,7 @@ where
 /// Writes `prefix` (raw), then `first` and `more` as one chunk (or raw, without chunks):
 /// one write when the socket takes it all, and no allocation for a lone frame.
 async fn write_data(
-    socket: &mut TcpStream,
+    socket: &TcpStream,
     prefix: &[u8],
     first: &[Bytes],
     more: &[Bytes],
@@ -344,7 +481,8 @@ async fn write_data(
             IoSlice::new(tail),
         ];
         let mut parts = &mut parts[..];
-        let sent = try_send_small(socket, parts);
+        // An error surfaces again on the write that follows.
+        let sent = try_send(socket, parts).unwrap_or(0);
         IoSlice::advance_slices(&mut parts, sent);
         return write_all_vectored(socket, parts).await;
     }
@@ -370,31 +508,39 @@ fn chunk_size(buf: &mut [u8; 18], length: usize) -> &[u8] {
 /// their pieces: the kernel's vectored path costs more than copying a few hundred bytes.
 const SMALL_WRITE: usize = 1024;
 
-/// Sends `parts` at once, copied together, when they are small and the socket takes them
-/// now; returns how many bytes went (0 when it did not try or the socket was full). Not
-/// async, so the copy is never part of a stream's state.
-fn try_send_small(socket: &TcpStream, parts: &[IoSlice<'_>]) -> usize {
+/// Sends what of `parts` the socket takes now, without waiting; small writes are copied
+/// together first. Not async, so the copy is never part of a stream's state.
+fn try_send(socket: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     let length: usize = parts.iter().map(|part| part.len()).sum();
-    if length == 0 || length > SMALL_WRITE {
-        return 0;
+    let sent = if length > SMALL_WRITE {
+        socket.try_write_vectored(parts)
+    } else {
+        let mut buf = [0u8; SMALL_WRITE];
+        let mut end = 0;
+        for part in parts {
+            buf[end..end + part.len()].copy_from_slice(part);
+            end += part.len();
+        }
+        socket.try_write(&buf[..end])
+    };
+    match sent {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        sent => sent,
     }
-    let mut buf = [0u8; SMALL_WRITE];
-    let mut end = 0;
-    for part in parts {
-        buf[end..end + part.len()].copy_from_slice(part);
-        end += part.len();
-    }
-    // An error surfaces again on the write that follows.
-    socket.try_write(&buf[..end]).unwrap_or(0)
 }
 
-async fn write_all_vectored(socket: &mut TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+async fn write_all_vectored(socket: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut parts = parts;
     while !parts.is_empty() {
-        let written = socket.write_vectored(parts).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+        let written = match socket.try_write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => written,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                socket.writable().await?;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         IoSlice::advance_slices(&mut parts, written);
     }
     Ok(())

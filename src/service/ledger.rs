@@ -83,7 +83,12 @@ impl Ledger {
     }
 
     pub fn wrote_event(&self, now: i64) {
-        self.events_written.fetch_add(1, Relaxed);
+        self.wrote_events(1, now);
+    }
+
+    /// `count` events written at `now`, by the dispatcher itself.
+    pub fn wrote_events(&self, count: usize, now: i64) {
+        self.events_written.fetch_add(count as u64, Relaxed);
         self.last_event_at.fetch_max(now, Relaxed);
     }
 

@@ -66,7 +66,8 @@ pub(super) async fn run(
                 // Take what was already queued, refuse the rest.
                 requests.close();
                 while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    publish_batch(&service, &mut writer, std::mem::take(&mut batch)).await;
+                    let batch = std::mem::take(&mut batch);
+                    publish_batch(&service, &mut writer, batch, &requests).await;
                 }
                 return;
             }
@@ -74,7 +75,7 @@ pub(super) async fn run(
         if received == 0 {
             return;
         }
-        publish_batch(&service, &mut writer, std::mem::take(&mut batch)).await;
+        publish_batch(&service, &mut writer, std::mem::take(&mut batch), &requests).await;
         if received >= GATHER_AFTER {
             gather(&requests).await;
         }
@@ -98,7 +99,14 @@ async fn gather(requests: &mpsc::Receiver<Request>) {
     }
 }
 
-async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<Request>) {
+/// Stores `batch` in one transaction, then dispatches it; `waiting` holds the publishes
+/// that will follow.
+async fn publish_batch(
+    service: &EventService,
+    writer: &mut Writer,
+    batch: Vec<Request>,
+    waiting: &mpsc::Receiver<Request>,
+) {
     let hub = service.hub();
     let now = now_millis();
     // The data moves into the record: it is stored, then encoded once from there. The
@@ -158,6 +166,7 @@ async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<R
     let mut results = Vec::with_capacity(records.len());
     let mut late = Vec::new();
     let published = records.iter().zip(&targets).zip(appended.pending);
+    let last = records.len().saturating_sub(1);
     for (i, ((record, (filter, present)), pending)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
         let handed = hub.dispatch(&Dispatch {
@@ -166,7 +175,14 @@ async fn publish_batch(service: &EventService, writer: &mut Writer, batch: Vec<R
             filter: filter.as_ref(),
             pending_users: &record.absent_here,
             expected_users: present,
+            direct: i == last && waiting.is_empty(),
         });
+        if handed.written > 0 {
+            service
+                .inner
+                .ledger
+                .wrote_events(handed.written, now_millis());
+        }
         late.extend(handed.missed.into_iter().map(|user| (user, event_id)));
         tracing::info!(
             event_id,
@@ -256,5 +272,6 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
         filter: filter.as_ref(),
         pending_users: &pending_users,
         expected_users: &[],
+        direct: false,
     });
 }

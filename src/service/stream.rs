@@ -70,6 +70,28 @@ impl ClientStream {
         }
     }
 
+    /// The stream's connection, for the dispatcher to write to while the stream lends it.
+    pub fn attach(&self, direct: std::sync::Arc<dyn crate::hub::Direct>) {
+        self.registration.attach(direct);
+    }
+
+    /// Lends the connection to the dispatcher (`Client::lend`), once every frame before
+    /// the live ones is written: the opening, the history, and queued events the client
+    /// had already seen.
+    pub fn lend(&self) {
+        if self.opening.is_empty()
+            && self.history.is_none()
+            && self.seen_through <= self.registration.cursor
+        {
+            self.registration.client.lend();
+        }
+    }
+
+    /// Takes the connection back before writing; `false` while the dispatcher writes.
+    pub fn reclaim(&self) -> bool {
+        self.registration.client.reclaim()
+    }
+
     fn wrote(&self, id: i64, len: usize, from_queue: bool, settles_pending: bool) {
         // One clock read for the stream's and the service's records.
         let wall = now_millis();
@@ -112,6 +134,10 @@ impl Stream for ClientStream {
                     self.registration.skipped(frame.bytes.len());
                 }
                 Some(frame) => {
+                    if frame.id > self.seen_through {
+                        // Ids only grow from here: nothing more to skip.
+                        self.seen_through = 0;
+                    }
                     self.wrote(frame.id, frame.bytes.len(), true, frame.settles_pending);
                     return Poll::Ready(Some(Ok(frame.bytes)));
                 }

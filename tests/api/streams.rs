@@ -295,3 +295,99 @@ async fn streams_are_served_with_bytes_shared_across_many_clients() {
     }
     app.stop().await;
 }
+
+/// The complete events in an SSE body: (id, data) of each that has an id, in order.
+fn stored_events(body: &str) -> Vec<(i64, String)> {
+    let complete = body
+        .rsplit_once("\n\n")
+        .map_or("", |(complete, _)| complete);
+    complete
+        .split("\n\n")
+        .filter_map(|event| {
+            let field = |name: &str| {
+                event
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name).map(str::to_owned))
+            };
+            Some((field("id: ")?.parse().ok()?, field("data: ")?))
+        })
+        .collect()
+}
+
+/// A chunked body's data as far as it is complete.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Some(end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..end]).unwrap();
+        let size = usize::from_str_radix(size, 16).expect("a chunk size");
+        let Some(chunk) = raw.get(end + 2..end + 2 + size + 2) else {
+            break;
+        };
+        assert_eq!(&chunk[size..], b"\r\n", "a chunk ends with CRLF");
+        body.extend_from_slice(&chunk[..size]);
+        raw = &raw[end + 2 + size + 2..];
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_then_reads_gets_every_event_whole_and_in_order_in_both_framings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Held to the end: dropping it deletes the database file under the running app.
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db).await;
+    // Small receive buffers: writes to these streams soon stop part-way through a frame,
+    // whether the publisher writes them or the stream's own task does.
+    let mut chunked = stuck_stream(app.addr, "userId=u1").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut plain = socket.connect(app.addr).await.unwrap();
+    plain
+        .write_all(b"GET /api/sse?userId=u1 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    plain.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.0 200");
+
+    // 6 MB each: more than a socket holds (its send buffer grows to 4 MB here), and
+    // less than that plus what a stream may queue.
+    let mut sent = Vec::new();
+    for n in 0..100 {
+        let data = json!([n, "x".repeat(60_000 + n)]);
+        let published = app
+            .notify(json!({ "userId": "u1" }), "big", data.clone())
+            .await;
+        assert_eq!(published["delivered"], 2);
+        sent.push((published["eventId"].as_i64().unwrap(), data.to_string()));
+    }
+
+    for (socket, is_chunked) in [(&mut chunked, true), (&mut plain, false)] {
+        let mut raw = Vec::new();
+        let received = tokio::time::timeout(PATIENCE, async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the stream ended early");
+                raw.extend_from_slice(&buf[..n]);
+                // Parsed only where a frame (and its chunk) ends.
+                if !(raw.ends_with(b"\n\n") || raw.ends_with(b"\n\n\r\n")) {
+                    continue;
+                }
+                let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let body = match is_chunked {
+                    true => dechunk(&raw[start..]),
+                    false => raw[start..].to_vec(),
+                };
+                let events = stored_events(&String::from_utf8(body).unwrap());
+                if events.len() >= sent.len() {
+                    return events;
+                }
+            }
+        })
+        .await
+        .expect("every event within the patience");
+        assert!(received == sent, "chunked {is_chunked}: the events differ");
+    }
+    app.stop().await;
+}

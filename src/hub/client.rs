@@ -160,6 +160,10 @@ impl Client {
     /// Takes the connection back before the task writes; `false` while the dispatcher is
     /// writing one frame (the task tries again after a yield).
     pub fn reclaim(&self) -> bool {
+        // Most polls find it already taken back: a load, not a compare-and-swap.
+        if self.writer.load(Acquire) == TASK {
+            return true;
+        }
         match self.writer.compare_exchange(LENT, TASK, Acquire, Acquire) {
             Ok(_) | Err(TASK) => true,
             Err(_) => false,

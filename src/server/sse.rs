@@ -13,7 +13,10 @@ use std::{
     future::poll_fn,
     io,
     io::IoSlice,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -112,6 +115,7 @@ pub(super) async fn serve(
     let connection = Arc::new(Connection {
         socket,
         chunked: version == Version::HTTP_11,
+        has_rest: AtomicBool::new(false),
         rest: Mutex::default(),
     });
     let socket = &connection.socket;
@@ -146,10 +150,17 @@ struct Connection {
     chunked: bool,
     /// What the dispatcher could not write of a frame: the task writes it first.
     rest: Mutex<Option<Bytes>>,
+    /// `rest` holds something: looked at before each write, so the lock is taken only then.
+    has_rest: AtomicBool,
 }
 
 impl Connection {
     fn take_rest(&self) -> Option<Bytes> {
+        // Set only by the dispatcher, and only while the task cannot be here.
+        if !self.has_rest.load(Ordering::Acquire) {
+            return None;
+        }
+        self.has_rest.store(false, Ordering::Relaxed);
         self.rest
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -179,6 +190,7 @@ impl Direct for Connection {
             IoSlice::advance_slices(&mut parts, sent);
             let rest: Vec<u8> = parts.iter().flat_map(|part| part.iter().copied()).collect();
             *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest.into());
+            self.has_rest.store(true, Ordering::Release);
             return Wrote::Part;
         }
         Wrote::All
@@ -536,7 +548,8 @@ async fn write_all_vectored(socket: &TcpStream, parts: &mut [IoSlice<'_>]) -> io
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => written,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                socket.writable().await?;
+                // Not `writable()`, whose future would add its size to every stream's.
+                poll_fn(|cx| socket.poll_write_ready(cx)).await?;
                 continue;
             }
             Err(error) => return Err(error),

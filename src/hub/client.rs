@@ -24,7 +24,7 @@ pub(super) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 const NEVER_SAVED: u64 = u64::MAX;
 
-/// Who writes to a stream's connection (`Client::writer`).
+// Who writes to a stream's connection (`Client::writer`):
 /// The connection's own task: the dispatcher queues.
 const TASK: u8 = 0;
 /// Nobody: the task waits with nothing to write, and the dispatcher may write itself.

@@ -3,9 +3,12 @@
 //!
 //! Each stream has its own bounded queue ([`client`]). A publish takes the registry's read
 //! lock, finds candidates through the user, session and client-id indexes ([`registry`]),
-//! and hands each match the event's shared `Bytes` with `try_send`: nothing here awaits or
-//! writes to a socket while a lock is held. A stream that falls behind is cut off
-//! ([`cutoff`]) and resumes from the event log with `Last-Event-ID`.
+//! and hands each match the event's shared `Bytes` with `try_send`. A stream waiting with
+//! nothing queued may have lent its connection ([`Direct`]): then, with the lock released,
+//! the dispatcher writes the event to it without waiting, sparing the wake-up and poll of
+//! its task. Nothing here awaits, or writes to a socket, while a lock is held. A stream
+//! that falls behind is cut off ([`cutoff`]) and resumes from the event log with
+//! `Last-Event-ID`.
 
 mod client;
 mod cutoff;

@@ -157,6 +157,12 @@ impl Client {
         self.writer.store(LENT, Release);
     }
 
+    /// Lent, with nothing queued: the dispatcher may write to it (for a look before the
+    /// writes; `Slot::write_direct` makes sure).
+    pub(super) fn is_lent(&self) -> bool {
+        self.writer.load(Relaxed) == LENT && self.queued_frames.load(Relaxed) == 0
+    }
+
     /// Takes the connection back before the task writes; `false` while the dispatcher is
     /// writing one frame (the task tries again after a yield).
     pub fn reclaim(&self) -> bool {
@@ -183,8 +189,8 @@ impl Client {
 }
 
 /// A registry entry: the stream's client and the sending end of its queue. Only the
-/// registry holds the sender, so removing the entry ends the stream once its queue is
-/// written.
+/// registry holds the sender (and a dispatch, while it writes), so removing the entry ends
+/// the stream once its queue is written.
 pub(super) struct Slot {
     pub client: Arc<Client>,
     pub tx: mpsc::UnboundedSender<Frame>,

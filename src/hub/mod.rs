@@ -6,7 +6,7 @@
 //! and hands each match the event's shared `Bytes` with `try_send`. A stream waiting with
 //! nothing queued may have lent its connection ([`Direct`]): then, with the lock released,
 //! the dispatcher writes the event to it without waiting, sparing the wake-up and poll of
-//! its task. Nothing here awaits, or writes to a socket, while a lock is held. A stream
+//! its task (and queues it after all if the socket is full). Nothing here awaits, or writes to a socket, while a lock is held. A stream
 //! that falls behind is cut off ([`cutoff`]) and resumes from the event log with
 //! `Last-Event-ID`.
 
@@ -299,7 +299,13 @@ impl Hub {
                         .as_ref()
                         .is_some_and(|u| event.pending_users.binary_search(u).is_ok()),
                 };
-                if event.direct && !frame.settles_pending && slot.direct.get().is_some() {
+                // Only streams that look idle now wait for the writes: the rest are
+                // queued at once. (`write_direct` looks again.)
+                if event.direct
+                    && !frame.settles_pending
+                    && client.is_lent()
+                    && slot.direct.get().is_some()
+                {
                     direct.push((slot.clone(), frame));
                 } else {
                     took(client, slot.offer(frame, now));
@@ -428,11 +434,21 @@ fn write_all_direct(direct: &[(Arc<Slot>, Frame)], now: i64, wall: i64) -> Vec<b
     std::thread::scope(|scope| {
         let others: Vec<_> = parts[1..]
             .iter()
-            .map(|part| (part.len(), scope.spawn(|| write(part))))
+            .map(|&part| {
+                let thread = std::thread::Builder::new().spawn_scoped(scope, move || write(part));
+                // A thread the system refuses: that part is written here instead.
+                thread.map_err(|_| part)
+            })
             .collect();
         let mut results = write(parts[0]);
-        for (len, other) in others {
-            results.extend(other.join().unwrap_or_else(|_| vec![false; len]));
+        for other in others {
+            results.extend(match other {
+                // A writer's panic is the dispatcher's, as it would be written here.
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(part) => write(part),
+            });
         }
         results
     })

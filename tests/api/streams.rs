@@ -350,10 +350,15 @@ async fn a_reader_that_stops_then_reads_gets_every_event_whole_and_in_order_in_b
     plain.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.0 200");
 
-    // 6 MB each: more than a socket holds (its send buffer grows to 4 MB here), and
-    // less than that plus what a stream may queue.
+    // More than a socket holds (its send buffer grows to the system's maximum), and less
+    // than that plus what a stream may queue (4 MiB).
+    let most_sent = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|limits| limits.split_whitespace().last()?.parse().ok())
+        .unwrap_or(4 << 20);
+    let events = (most_sent + (2 << 20)) / 60_000;
     let mut sent = Vec::new();
-    for n in 0..100 {
+    for n in 0..events {
         let data = json!([n, "x".repeat(60_000 + n)]);
         let published = app
             .notify(json!({ "userId": "u1" }), "big", data.clone())
@@ -389,5 +394,11 @@ async fn a_reader_that_stops_then_reads_gets_every_event_whole_and_in_order_in_b
         .expect("every event within the patience");
         assert!(received == sent, "chunked {is_chunked}: the events differ");
     }
+    let metrics = app.metrics().await;
+    let written = format!("nomey_sse_frames_written_total {}\n", 2 * events);
+    assert!(
+        metrics.contains(&written),
+        "each frame counted once: {metrics}"
+    );
     app.stop().await;
 }

@@ -12,7 +12,7 @@ use super::{EventService, PublishError, Published, error::Doing};
 use crate::{
     event::{self, EventName, now_millis},
     filter::Filter,
-    hub::Dispatch,
+    hub::{Dispatch, Handed},
     store::{NewEvent, StoredEvent, Writer},
 };
 
@@ -169,20 +169,17 @@ async fn publish_batch(
     let last = records.len().saturating_sub(1);
     for (i, ((record, (filter, present)), pending)) in published.enumerate() {
         let event_id = appended.first_id + i as i64;
-        let handed = hub.dispatch(&Dispatch {
-            id: event_id,
-            frame: event::encode(event_id, &record.kind, &record.data),
-            filter: filter.as_ref(),
-            pending_users: &record.absent_here,
-            expected_users: present,
-            direct: i == last && waiting.is_empty(),
-        });
-        if handed.written > 0 {
-            service
-                .inner
-                .ledger
-                .wrote_events(handed.written, now_millis());
-        }
+        let handed = dispatch(
+            service,
+            &Dispatch {
+                id: event_id,
+                frame: event::encode(event_id, &record.kind, &record.data),
+                filter: filter.as_ref(),
+                pending_users: &record.absent_here,
+                expected_users: present,
+                direct: i == last && waiting.is_empty(),
+            },
+        );
         late.extend(handed.missed.into_iter().map(|user| (user, event_id)));
         tracing::info!(
             event_id,
@@ -249,14 +246,29 @@ async fn catch_up(service: &EventService, through: i64) {
         // Retention may have deleted the rest of the gap: nothing left to hand over.
         let Some(last) = events.last() else { break };
         after = last.event_id;
-        for stored in &events {
-            dispatch_stored(service, stored);
+        let final_index = events.len() - 1;
+        for (i, stored) in events.iter().enumerate() {
+            // As for this instance's publishes: idle streams are written to at the last.
+            dispatch_stored(service, stored, i == final_index);
         }
     }
     hub.advance_cursor(through);
 }
 
-fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
+/// Hands an event to this instance's streams, and counts those it was written to here
+/// (the streams count what they write themselves).
+fn dispatch<'a>(service: &EventService, event: &Dispatch<'a>) -> Handed<'a> {
+    let handed = service.hub().dispatch(event);
+    if handed.written > 0 {
+        service
+            .inner
+            .ledger
+            .wrote_events(handed.written, now_millis());
+    }
+    handed
+}
+
+fn dispatch_stored(service: &EventService, stored: &StoredEvent, direct: bool) {
     let Some(filter) = service.stored_filter(stored) else {
         return;
     };
@@ -266,12 +278,15 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent) {
         .as_ref()
         .map(Filter::target_users)
         .unwrap_or_default();
-    service.hub().dispatch(&Dispatch {
-        id: stored.event_id,
-        frame: event::encode(stored.event_id, &stored.kind, &stored.data),
-        filter: filter.as_ref(),
-        pending_users: &pending_users,
-        expected_users: &[],
-        direct: false,
-    });
+    dispatch(
+        service,
+        &Dispatch {
+            id: stored.event_id,
+            frame: event::encode(stored.event_id, &stored.kind, &stored.data),
+            filter: filter.as_ref(),
+            pending_users: &pending_users,
+            expected_users: &[],
+            direct,
+        },
+    );
 }

@@ -48,6 +48,14 @@ async fn an_event_published_on_one_instance_reaches_streams_on_the_other_at_once
     let marker = id(&a.broadcast("n", json!("marker")).await);
     assert_eq!(on_a.take_stored(1).await, [(marker, json!("marker"))]);
     assert_eq!(on_b.take_stored(1).await, [(marker, json!("marker"))]);
+    // Each instance counts what reached its own stream, its own events and the other's.
+    for (app, name) in [(&a, "a"), (&b, "b")] {
+        let metrics = app.metrics().await;
+        assert!(
+            metrics.contains("nomey_sse_events_written_total 3\n"),
+            "{name}: {metrics}"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -1,6 +1,7 @@
 //! One stream's queue and its backpressure: a bounded channel of shared frames, with the
 //! bytes waiting counted, so that a reader that falls behind is cut off instead of letting
-//! the server's memory grow.
+//! the server's memory grow. While the queue is empty and the stream's task waits, the
+//! task may lend its connection to the dispatcher (`Client::lend`, `Slot::write_lent`).
 
 use std::sync::{
     Arc, OnceLock,
@@ -35,12 +36,12 @@ const DISPATCHER: u8 = 2;
 /// A stream's connection as the dispatcher writes to it while the stream's task waits
 /// with nothing queued: a broadcast then costs one system call per stream, not also a
 /// wake-up and a poll of its task.
-pub trait Direct: Send + Sync {
+pub trait LentConnection: Send + Sync {
     /// Writes `frame` without waiting.
     fn write_now(&self, frame: &Bytes) -> Wrote;
 }
 
-/// How much of a frame `Direct::write_now` wrote.
+/// How much of a frame `LentConnection::write_now` wrote.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wrote {
     All,
@@ -157,8 +158,9 @@ impl Client {
         self.writer.store(LENT, Release);
     }
 
-    /// Lent, with nothing queued: the dispatcher may write to it (for a look before the
-    /// writes; `Slot::write_direct` makes sure).
+    /// Lent, with nothing queued. A first look, under the registry's lock, at whether the
+    /// stream is worth keeping for the writes; `Slot::write_lent` looks again when it
+    /// writes.
     pub(super) fn is_lent(&self) -> bool {
         self.writer.load(Relaxed) == LENT && self.queued_frames.load(Relaxed) == 0
     }
@@ -188,6 +190,19 @@ impl Client {
     }
 }
 
+/// Gives the connection back when dropped: to `to`, which stays `TASK` while a write is
+/// under way, so that even a panic there leaves the stream's task able to go on.
+struct HandBack<'a> {
+    writer: &'a AtomicU8,
+    to: u8,
+}
+
+impl Drop for HandBack<'_> {
+    fn drop(&mut self) {
+        self.writer.store(self.to, Release);
+    }
+}
+
 /// A registry entry: the stream's client and the sending end of its queue. Only the
 /// registry holds the sender (and a dispatch, while it writes), so removing the entry ends
 /// the stream once its queue is written.
@@ -195,14 +210,14 @@ pub(super) struct Slot {
     pub client: Arc<Client>,
     pub tx: mpsc::UnboundedSender<Frame>,
     /// Set once the server serves the stream's connection itself.
-    pub direct: OnceLock<Arc<dyn Direct>>,
+    pub connection: OnceLock<Arc<dyn LentConnection>>,
 }
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slot")
             .field("client", &self.client)
-            .field("direct", &self.direct.get().is_some())
+            .field("connection", &self.connection.get().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -211,13 +226,15 @@ impl Slot {
     /// Writes `frame` to the connection at once when the stream's task has lent it and
     /// nothing is queued; `false` leaves the frame to the queue. A frame that settles a
     /// pending row goes through the queue, where the stream's records settle it.
-    pub fn write_direct(&self, frame: &Frame, now: i64, wall: i64) -> bool {
+    pub fn write_lent(&self, frame: &Frame, now: i64, wall: i64) -> bool {
         let client = &self.client;
-        let Some(direct) = self.direct.get() else {
+        let Some(connection) = self.connection.get() else {
             return false;
         };
+        // A closed queue: the stream's task is gone, whatever its connection still takes.
         if frame.settles_pending
             || client.dropped.load(Relaxed)
+            || self.tx.is_closed()
             || client
                 .writer
                 .compare_exchange(LENT, DISPATCHER, Acquire, Relaxed)
@@ -225,19 +242,19 @@ impl Slot {
         {
             return false;
         }
+        let mut hand_back = HandBack {
+            writer: &client.writer,
+            to: LENT,
+        };
         // Frames already queued go first: the task was woken for them and has not run.
         if client.queued_frames.load(Relaxed) > 0 {
-            client.writer.store(LENT, Release);
             return false;
         }
-        let wrote = direct.write_now(&frame.bytes);
-        if wrote != Wrote::Nothing {
-            client.wrote(frame.bytes.len(), frame.id > 0, false, now, wall);
-        }
-        match wrote {
-            Wrote::All => client.writer.store(LENT, Release),
+        hand_back.to = TASK;
+        match connection.write_now(&frame.bytes) {
+            Wrote::All => hand_back.to = LENT,
             Wrote::Part => {
-                client.writer.store(TASK, Release);
+                drop(hand_back);
                 // An empty frame wakes the task, which writes the rest before anything else.
                 let nudge = Frame {
                     id: 0,
@@ -247,10 +264,11 @@ impl Slot {
                 let _ = self.offer(nudge, now);
             }
             Wrote::Nothing => {
-                client.writer.store(LENT, Release);
+                hand_back.to = LENT;
                 return false;
             }
         }
+        client.wrote(frame.bytes.len(), frame.id > 0, false, now, wall);
         true
     }
 

@@ -4,11 +4,11 @@
 //! Each stream has its own bounded queue ([`client`]). A publish takes the registry's read
 //! lock, finds candidates through the user, session and client-id indexes ([`registry`]),
 //! and hands each match the event's shared `Bytes` with `try_send`. A stream waiting with
-//! nothing queued may have lent its connection ([`Direct`]): then, with the lock released,
-//! the dispatcher writes the event to it without waiting, sparing the wake-up and poll of
-//! its task (and queues it after all if the socket is full). Nothing here awaits, or writes to a socket, while a lock is held. A stream
-//! that falls behind is cut off ([`cutoff`]) and resumes from the event log with
-//! `Last-Event-ID`.
+//! nothing queued may have lent its connection ([`LentConnection`]): then, with the lock
+//! released, the dispatcher writes the event to it without waiting, sparing the wake-up
+//! and poll of its task (and queues it after all if the socket is full). Nothing here
+//! awaits, or writes to a socket, while a lock is held. A stream that falls behind is cut
+//! off ([`cutoff`]) and resumes from the event log with `Last-Event-ID`.
 
 mod client;
 mod cutoff;
@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use client::{Client, Direct, Frame, Wrote};
+pub use client::{Client, Frame, LentConnection, Wrote};
 
 use client::{Offer, Slot};
 use cutoff::CutOff;
@@ -118,9 +118,9 @@ impl Registration {
 
     /// Lets the dispatcher write to the stream's connection itself whenever the stream
     /// lends it (`Client::lend`).
-    pub fn attach(&self, direct: Arc<dyn Direct>) {
+    pub fn attach(&self, connection: Arc<dyn LentConnection>) {
         if let Some(slot) = self.hub.read().clients.get(&self.client.info.client_id) {
-            let _ = slot.direct.set(direct);
+            let _ = slot.connection.set(connection);
         }
     }
 }
@@ -144,10 +144,11 @@ pub struct Dispatch<'a> {
     /// Users with no pending row, because they had a stream here when the event was
     /// published: `dispatch` says which of them no stream was handed it to. Sorted too.
     pub expected_users: &'a [String],
-    /// Write to idle streams' connections here rather than wake their tasks: for the
-    /// last event of a batch, when no other waits (a queue lets a busy stream's task
-    /// write many events at once).
-    pub direct: bool,
+    /// Write to idle streams' connections here rather than wake their tasks. The
+    /// publisher asks it for the last event of a commit, or of a page of other instances'
+    /// events, when no publish waits: while more follow, the queue lets each stream's
+    /// task write several events at once, spread over the cores.
+    pub write_idle: bool,
 }
 
 /// What `dispatch` did.
@@ -245,7 +246,7 @@ impl Hub {
         reg.insert(Arc::new(Slot {
             client: client.clone(),
             tx,
-            direct: std::sync::OnceLock::new(),
+            connection: std::sync::OnceLock::new(),
         }));
         let cursor = reg.cursor();
         drop(reg);
@@ -262,13 +263,15 @@ impl Hub {
     }
 
     /// Hands an event to every matching stream: queued, or written to the connections
-    /// of idle streams (`Dispatch::direct`) once the registry's lock is released.
+    /// of idle streams (`Dispatch::write_idle`) once the registry's lock is released.
+    /// One task calls it (the publisher): events reach each stream in the order of the
+    /// calls, which two concurrent callers would not keep.
     pub fn dispatch<'a>(&self, event: &Dispatch<'a>) -> Handed<'a> {
         debug_assert!(event.pending_users.is_sorted() && event.expected_users.is_sorted());
         let mut reached = vec![false; event.expected_users.len()];
         let (mut streams, mut written) = (0, 0);
         let mut too_slow = Vec::new();
-        let mut direct = Vec::new();
+        let mut idle = Vec::new();
         let now = self.clock();
         let mut took = |client: &Client, result: Result<(), Offer>| match result {
             Ok(()) => {
@@ -300,23 +303,23 @@ impl Hub {
                         .is_some_and(|u| event.pending_users.binary_search(u).is_ok()),
                 };
                 // Only streams that look idle now wait for the writes: the rest are
-                // queued at once. (`write_direct` looks again.)
-                if event.direct
+                // queued at once. (`write_lent` looks again.)
+                if event.write_idle
                     && !frame.settles_pending
                     && client.is_lent()
-                    && slot.direct.get().is_some()
+                    && slot.connection.get().is_some()
                 {
-                    direct.push((slot.clone(), frame));
+                    idle.push((slot.clone(), frame));
                 } else {
                     took(client, slot.offer(frame, now));
                 }
             });
         }
         // No lock is held across these writes.
-        if !direct.is_empty() {
+        if !idle.is_empty() {
             let wall = crate::event::now_millis();
-            let results = write_all_direct(&direct, now, wall);
-            for ((slot, frame), done) in direct.into_iter().zip(results) {
+            let results = write_to_idle(&idle, now, wall);
+            for ((slot, frame), done) in idle.into_iter().zip(results) {
                 if done {
                     written += 1;
                     took(&slot.client, Ok(()));
@@ -412,25 +415,25 @@ impl Hub {
     }
 }
 
-/// Streams a thread of its own takes in a large direct dispatch.
+/// Fewest idle streams worth a writer thread of their own in one dispatch.
 const STREAMS_PER_WRITER: usize = 1024;
 
-/// Writes each frame to its stream's connection (`Slot::write_direct`); whether each
+/// Writes each frame to its stream's connection (`Slot::write_lent`); whether each
 /// went. A large broadcast is shared out among the machine's cores: the time a send takes
 /// is mostly the kernel's, delivering to the reader, and a core can do only so many.
-fn write_all_direct(direct: &[(Arc<Slot>, Frame)], now: i64, wall: i64) -> Vec<bool> {
+fn write_to_idle(idle: &[(Arc<Slot>, Frame)], now: i64, wall: i64) -> Vec<bool> {
     let write = |part: &[(Arc<Slot>, Frame)]| -> Vec<bool> {
         part.iter()
-            .map(|(slot, frame)| slot.write_direct(frame, now, wall))
+            .map(|(slot, frame)| slot.write_lent(frame, now, wall))
             .collect()
     };
     static CORES: std::sync::LazyLock<usize> =
         std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let writers = CORES.min(direct.len() / STREAMS_PER_WRITER).max(1);
+    let writers = CORES.min(idle.len() / STREAMS_PER_WRITER).max(1);
     if writers == 1 {
-        return write(direct);
+        return write(idle);
     }
-    let parts: Vec<_> = direct.chunks(direct.len().div_ceil(writers)).collect();
+    let parts: Vec<_> = idle.chunks(idle.len().div_ceil(writers)).collect();
     std::thread::scope(|scope| {
         let others: Vec<_> = parts[1..]
             .iter()
@@ -443,7 +446,7 @@ fn write_all_direct(direct: &[(Arc<Slot>, Frame)], now: i64, wall: i64) -> Vec<b
         let mut results = write(parts[0]);
         for other in others {
             results.extend(match other {
-                // A writer's panic is the dispatcher's, as it would be written here.
+                // A writer's panic goes on in the dispatcher, as if it had happened there.
                 Ok(thread) => thread
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
@@ -482,7 +485,7 @@ mod tests {
             filter,
             pending_users: &[],
             expected_users: &[],
-            direct: false,
+            write_idle: false,
         })
         .streams
     }
@@ -509,7 +512,7 @@ mod tests {
             filter: None,
             pending_users: &[],
             expected_users: &expected,
-            direct: false,
+            write_idle: false,
         });
         assert_eq!(
             handed,
@@ -528,7 +531,7 @@ mod tests {
         reply: std::sync::Mutex<Option<Wrote>>,
     }
 
-    impl Direct for Recorder {
+    impl LentConnection for Recorder {
         fn write_now(&self, frame: &Bytes) -> Wrote {
             let reply = self.reply.lock().unwrap().take().unwrap_or(Wrote::All);
             if reply != Wrote::Nothing {
@@ -538,14 +541,14 @@ mod tests {
         }
     }
 
-    fn direct_dispatch(hub: &Hub, id: i64, pending: &[String]) -> Handed<'static> {
+    fn dispatch_writing_idle(hub: &Hub, id: i64, pending: &[String]) -> Handed<'static> {
         let handed = hub.dispatch(&Dispatch {
             id,
             frame: Bytes::from(format!("e{id}")),
             filter: None,
             pending_users: pending,
             expected_users: &[],
-            direct: true,
+            write_idle: true,
         });
         Handed {
             streams: handed.streams,
@@ -561,18 +564,18 @@ mod tests {
         let conn = Arc::new(Recorder::default());
         reg.attach(conn.clone());
         // Not lent yet (the stream is still writing its opening): queued.
-        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 1, &[]).written, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 1);
         reg.wrote(2, true, true, 0);
         reg.client.lend();
-        let handed = direct_dispatch(&hub, 2, &[]);
+        let handed = dispatch_writing_idle(&hub, 2, &[]);
         assert_eq!((handed.streams, handed.written), (1, 1));
         assert_eq!(conn.frames.lock().unwrap().as_slice(), [Bytes::from("e2")]);
         assert!(reg.rx.try_recv().is_err());
         assert_eq!(reg.client.events_sent(), 2);
         // Taken back: queued again, and nothing is written behind the task's back.
         assert!(reg.client.reclaim());
-        assert_eq!(direct_dispatch(&hub, 3, &[]).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 3, &[]).written, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 3);
         assert_eq!(conn.frames.lock().unwrap().len(), 1);
     }
@@ -586,19 +589,19 @@ mod tests {
         reg.client.lend();
         // A heartbeat waits in the queue: the event goes behind it.
         hub.heartbeat(Bytes::from_static(b":"));
-        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 1, &[]).written, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 1);
         reg.wrote(1, false, true, 0);
         reg.wrote(2, true, true, 0);
         // The event settles a pending row: the stream's own records do that.
         let pending = ["a".to_owned()];
-        assert_eq!(direct_dispatch(&hub, 2, &pending).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 2, &pending).written, 0);
         assert!(reg.rx.try_recv().unwrap().settles_pending);
         reg.wrote(2, true, true, 0);
         // The socket takes nothing: queued.
         *conn.reply.lock().unwrap() = Some(Wrote::Nothing);
-        assert_eq!(direct_dispatch(&hub, 3, &[]).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 3, &[]).written, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 3);
         assert!(conn.frames.lock().unwrap().is_empty());
     }
@@ -611,16 +614,35 @@ mod tests {
         reg.attach(conn.clone());
         reg.client.lend();
         *conn.reply.lock().unwrap() = Some(Wrote::Part);
-        assert_eq!(direct_dispatch(&hub, 1, &[]).written, 1);
+        assert_eq!(dispatch_writing_idle(&hub, 1, &[]).written, 1);
         // An empty frame wakes the task, which writes the rest before anything else.
         let nudge = reg.rx.try_recv().unwrap();
         assert_eq!((nudge.id, nudge.bytes.len()), (0, 0));
-        assert_eq!(direct_dispatch(&hub, 2, &[]).written, 0);
+        assert_eq!(dispatch_writing_idle(&hub, 2, &[]).written, 0);
         assert_eq!(reg.rx.try_recv().unwrap().id, 2);
     }
 
     #[test]
-    fn a_large_direct_dispatch_is_shared_out_and_answers_in_order() {
+    fn a_panic_while_writing_leaves_the_connection_to_the_stream() {
+        struct Panics;
+        impl LentConnection for Panics {
+            fn write_now(&self, _: &Bytes) -> Wrote {
+                panic!("a write that fails in a way nobody planned for");
+            }
+        }
+        let hub = hub(10, Duration::from_secs(90));
+        let reg = hub.register(info("a"), CancellationToken::new()).unwrap();
+        reg.attach(Arc::new(Panics));
+        reg.client.lend();
+        let dispatched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dispatch_writing_idle(&hub, 1, &[])
+        }));
+        assert!(dispatched.is_err());
+        assert!(reg.client.reclaim(), "not left to the dispatcher forever");
+    }
+
+    #[test]
+    fn a_large_dispatch_to_idle_streams_is_shared_out_and_answers_in_order() {
         let hub = hub(5000, Duration::from_secs(90));
         let conns: Vec<_> = (0..3000)
             .map(|i| {
@@ -636,7 +658,7 @@ mod tests {
                 (reg, conn)
             })
             .collect();
-        let handed = direct_dispatch(&hub, 1, &[]);
+        let handed = dispatch_writing_idle(&hub, 1, &[]);
         assert_eq!((handed.streams, handed.written), (3000, 2000));
         for (i, (mut reg, conn)) in conns.into_iter().enumerate() {
             let queued = reg.rx.try_recv().map(|frame| frame.id).ok();
@@ -707,7 +729,7 @@ mod tests {
                 filter: None,
                 pending_users: &[],
                 expected_users: &[],
-                direct: false,
+                write_idle: false,
             });
         }
         assert!(kill.is_cancelled());

@@ -7,7 +7,7 @@
 //! the connection (`Connection: close`), as a stream's end almost always does anyway.
 //!
 //! While a stream waits with nothing to write, it lends its connection to the hub, whose
-//! dispatcher then writes the next event itself ([`crate::hub::Direct`]).
+//! dispatcher then writes the next event itself ([`crate::hub::LentConnection`]).
 
 use std::{
     future::poll_fn,
@@ -38,7 +38,7 @@ use tower::ServiceExt;
 
 use super::{ConnectionHandle, RequestStart, StreamSlot};
 use crate::{
-    hub::{Direct, Wrote},
+    hub::{LentConnection, Wrote},
     service::ClientStream,
 };
 
@@ -128,14 +128,14 @@ pub(super) async fn serve(
     // life, so passing the stream on by value would hold it twice in every open stream.
     // Only a stream the response stands for: a layer that answered otherwise (an error, a
     // timeout) gets its own body written.
-    let mut direct = slot.take().filter(|_| response.status() == StatusCode::OK);
+    let mut stream = slot.take().filter(|_| response.status() == StatusCode::OK);
     drop(slot);
-    if let Some(stream) = &direct {
+    if let Some(stream) = &stream {
         stream.attach(connection.clone());
     }
     let refused = !response.status().is_success();
     // A fired `kill` drops this future in the accept loop: no second watch on it here.
-    if let Err(error) = write_response(&connection, response, version, direct.as_mut()).await {
+    if let Err(error) = write_response(&connection, response, version, stream.as_mut()).await {
         tracing::debug!(%error, "stream connection ended with an error");
     } else if refused {
         // The client may still be sending (a body it announced): let it read the answer.
@@ -168,7 +168,7 @@ impl Connection {
     }
 }
 
-impl Direct for Connection {
+impl LentConnection for Connection {
     fn write_now(&self, frame: &Bytes) -> Wrote {
         if frame.is_empty() {
             return Wrote::All;
@@ -188,7 +188,10 @@ impl Direct for Connection {
         if sent < length {
             let mut parts = &mut parts[..];
             IoSlice::advance_slices(&mut parts, sent);
-            let rest: Vec<u8> = parts.iter().flat_map(|part| part.iter().copied()).collect();
+            let mut rest = Vec::with_capacity(length - sent);
+            for part in parts.iter() {
+                rest.extend_from_slice(part);
+            }
             *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest.into());
             self.has_rest.store(true, Ordering::Release);
             return Wrote::Part;
@@ -269,16 +272,16 @@ pub(super) fn now_date() -> String {
     httpdate::fmt_http_date(std::time::SystemTime::now())
 }
 
-/// Writes the response; its frames come from `direct` when the handler left the stream
+/// Writes the response; its frames come from `stream` when the handler left the stream
 /// there, else from its body.
 async fn write_response(
     connection: &Connection,
     response: Response,
     version: Version,
-    direct: Option<&mut ClientStream>,
+    stream: Option<&mut ClientStream>,
 ) -> io::Result<()> {
     let (parts, body) = response.into_parts();
-    let length = match direct {
+    let length = match stream {
         Some(_) => None,
         None => HttpBody::size_hint(&body).exact(),
     };
@@ -318,16 +321,13 @@ async fn write_response(
     head.extend_from_slice(b"connection: close\r\n\r\n");
     // Nothing of the head stays with the open stream.
     drop(parts);
-    match direct {
+    match stream {
         Some(stream) => {
             // Layers' wrappers around an empty body: nothing to keep for the stream's life.
             drop(body);
             write_frames(connection, head, stream, chunked).await
         }
-        None => {
-            let mut body = Unlent(body.into_data_stream());
-            write_frames(connection, head, &mut body, chunked).await
-        }
+        None => write_frames(connection, head, &mut body.into_data_stream(), chunked).await,
     }
 }
 
@@ -355,25 +355,8 @@ impl Frames for ClientStream {
 }
 
 /// A body the hub knows nothing of: never lent.
-struct Unlent<S>(S);
-
-impl<S: Stream + Unpin> Stream for Unlent<S> {
-    type Item = S::Item;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<S::Item>> {
-        self.0.poll_next_unpin(cx)
-    }
-}
-
-impl<S, E> Frames for Unlent<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Error = E;
+impl Frames for axum::body::BodyDataStream {
+    type Error = axum::Error;
 }
 
 /// What the write loop waits for.

@@ -86,7 +86,7 @@ impl Ledger {
         self.wrote_events(1, now);
     }
 
-    /// `count` events written at `now`, by the dispatcher itself.
+    /// `count` events written at `now`.
     pub fn wrote_events(&self, count: usize, now: i64) {
         self.events_written.fetch_add(count as u64, Relaxed);
         self.last_event_at.fetch_max(now, Relaxed);

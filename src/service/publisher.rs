@@ -59,7 +59,7 @@ pub(super) async fn run(
             n = requests.recv_many(&mut batch, MAX_BATCH) => n,
             Ok(()) = committed.changed() => {
                 let through = *committed.borrow_and_update();
-                catch_up(&service, through).await;
+                catch_up(&service, through, requests.is_empty()).await;
                 continue;
             }
             () = shutdown.cancelled() => {
@@ -162,7 +162,8 @@ async fn publish_batch(
         .instruments
         .commit_batch
         .observe(records.len() as f64);
-    catch_up(service, appended.first_id - 1).await;
+    // This batch's own events follow: none of these is the last to dispatch.
+    catch_up(service, appended.first_id - 1, false).await;
     let mut results = Vec::with_capacity(records.len());
     let mut late = Vec::new();
     let published = records.iter().zip(&targets).zip(appended.pending);
@@ -177,7 +178,7 @@ async fn publish_batch(
                 filter: filter.as_ref(),
                 pending_users: &record.absent_here,
                 expected_users: present,
-                direct: i == last && waiting.is_empty(),
+                write_idle: i == last && waiting.is_empty(),
             },
         );
         late.extend(handed.missed.into_iter().map(|user| (user, event_id)));
@@ -217,8 +218,9 @@ async fn publish_batch(
 /// Dispatches events that other instances stored since this one last dispatched, so that
 /// every id up to the cursor has reached this instance's streams. A read that keeps
 /// failing never lets the cursor pass events silently: the streams are cut off and resume
-/// from the log.
-async fn catch_up(service: &EventService, through: i64) {
+/// from the log. With `write_idle`, the last of them may be written to idle streams:
+/// nothing follows it yet.
+async fn catch_up(service: &EventService, through: i64, write_idle: bool) {
     let hub = service.hub();
     let mut after = hub.cursor();
     let mut failures = 0;
@@ -246,10 +248,10 @@ async fn catch_up(service: &EventService, through: i64) {
         // Retention may have deleted the rest of the gap: nothing left to hand over.
         let Some(last) = events.last() else { break };
         after = last.event_id;
-        let final_index = events.len() - 1;
+        // As for this instance's publishes: idle streams are written to at the last.
+        let final_index = (write_idle && after >= through).then(|| events.len() - 1);
         for (i, stored) in events.iter().enumerate() {
-            // As for this instance's publishes: idle streams are written to at the last.
-            dispatch_stored(service, stored, i == final_index);
+            dispatch_stored(service, stored, Some(i) == final_index);
         }
     }
     hub.advance_cursor(through);
@@ -268,7 +270,7 @@ fn dispatch<'a>(service: &EventService, event: &Dispatch<'a>) -> Handed<'a> {
     handed
 }
 
-fn dispatch_stored(service: &EventService, stored: &StoredEvent, direct: bool) {
+fn dispatch_stored(service: &EventService, stored: &StoredEvent, write_idle: bool) {
     let Some(filter) = service.stored_filter(stored) else {
         return;
     };
@@ -286,7 +288,7 @@ fn dispatch_stored(service: &EventService, stored: &StoredEvent, direct: bool) {
             filter: filter.as_ref(),
             pending_users: &pending_users,
             expected_users: &[],
-            direct,
+            write_idle,
         },
     );
 }

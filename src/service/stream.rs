@@ -71,8 +71,8 @@ impl ClientStream {
     }
 
     /// The stream's connection, for the dispatcher to write to while the stream lends it.
-    pub fn attach(&self, direct: std::sync::Arc<dyn crate::hub::Direct>) {
-        self.registration.attach(direct);
+    pub fn attach(&self, connection: std::sync::Arc<dyn crate::hub::LentConnection>) {
+        self.registration.attach(connection);
     }
 
     /// Lends the connection to the dispatcher (`Client::lend`), once every frame before
